@@ -1,0 +1,3 @@
+"""ablate: loss ablations of one-stage object detectors."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Benchmarks that print figures: ``ablate bench loss``.
+
+The loss benchmark times, for each preset, assignment + loss forward + backward on a
+batch of random head outputs with the preset's own head layout, and in the same run a
+*floor*: ``binary_cross_entropy_with_logits`` forward + backward over the same raw output
+tensor, which reads every prediction once. The ratio to the floor is the figure of merit
+(machines are shared and noisy; a ratio measured in one run is comparable, absolute ms
+are not).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .detect import PRESETS, Targets, build_criterion, preset
+
+
+@dataclass
+class LossBenchRow:
+    preset: str
+    anchors: int
+    channels: int
+    loss_ms: float
+    floor_ms: float
+    ratio: float
+    num_pos: float
+
+
+def random_targets(batch: int, gts: int, size: int, classes: int, generator: torch.Generator) -> Targets:
+    """``gts`` random boxes per image (4-60% of the side, inside the image)."""
+    wh = (torch.rand(batch, gts, 2, generator=generator) * 0.56 + 0.04) * size
+    xy = torch.rand(batch, gts, 2, generator=generator) * (size - wh)
+    boxes = torch.cat((xy, xy + wh), -1)  # [B, G, 4]
+    labels = torch.randint(0, classes, (batch, gts), generator=generator)
+    return Targets(boxes, labels, torch.ones(batch, gts, dtype=torch.bool))
+
+
+def _time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench_loss(
+    presets: list[str] | None = None,
+    batch: int = 16,
+    size: int = 640,
+    classes: int = 80,
+    gts: int = 10,
+    repeats: int = 5,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[LossBenchRow]:
+    """Time each preset's criterion (forward + backward) against the BCE floor on the same tensor."""
+    rows = []
+    for name in presets or list(PRESETS):
+        g = torch.Generator().manual_seed(seed)
+        crit = build_criterion(preset(name), classes, size)
+        pred = (torch.randn(batch, crit.priors.num, crit.channels, generator=g) * 2).requires_grad_(True)
+        targets = random_targets(batch, gts, size, classes, g)
+        zeros = torch.zeros_like(pred)
+        num_pos = []
+
+        def loss_step() -> None:
+            pred.grad = None
+            out = crit(pred, targets)
+            out.total.backward()
+            num_pos.append(float(out.stats["num_pos"]))
+
+        def floor_step() -> None:
+            pred.grad = None
+            F.binary_cross_entropy_with_logits(pred, zeros).backward()
+
+        # interleave so that drifting machine load hits both alike
+        loss_ms, floor_ms = [], []
+        for _ in range(repeats):
+            loss_ms.append(_time(loss_step, 1, warmup=0 if loss_ms else 1))
+            floor_ms.append(_time(floor_step, 1, warmup=0 if floor_ms else 1))
+        lm, fm = statistics.median(loss_ms), statistics.median(floor_ms)
+        row = LossBenchRow(name, crit.priors.num, crit.channels, lm, fm, lm / fm, statistics.mean(num_pos))
+        rows.append(row)
+        if progress:
+            progress(f"{name}: {lm:.1f} ms vs floor {fm:.1f} ms ({lm / fm:.2f}x)")
+    return rows
+
+
+def environment() -> dict[str, object]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def write_loss_json(path: Path, rows: list[LossBenchRow], settings: dict[str, object]) -> None:
+    path.write_text(json.dumps({"settings": settings, "environment": environment(),
+                                "rows": [asdict(r) for r in rows]}, indent=2))

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .console import console, err
 
 app = typer.Typer(
     name="ablate",
@@ -17,14 +17,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 bench_app = typer.Typer(help="Benchmarks that print figures (and ratios to a floor measured in the same run).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-console = Console()
-err = Console(stderr=True)
-
 
 def fail(message: str) -> None:
     """Print a one-line error and exit 2 (no traceback for user errors)."""
@@ -75,6 +72,15 @@ def presets(
         mark = " [yellow](changed)[/]" if getattr(base, key) != value else ""
         table.add_row(key, f"{value!r}{mark}")
     console.print(table)
+
+
+def _register_simulate() -> None:
+    from .simulate import simulate_command
+
+    app.command("simulate")(simulate_command)
+
+
+_register_simulate()
 
 
 @bench_app.command("loss")

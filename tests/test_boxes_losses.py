@@ -190,3 +190,19 @@ def test_ohem_caps_at_available_negatives():
     is_neg[0, :2] = True
     keep = L.ohem_negative_mask(neg_loss, is_neg, torch.tensor([4]), 3.0)
     assert keep.sum() == 2
+
+
+def test_dense_focal_extreme_logits_fp32_match_fp64_reference():
+    x = torch.linspace(-120, 120, 4800).view(-1, 3)  # [1600, 3]
+    cls = torch.arange(1600) % 4 - 1  # background and every class
+    w = torch.ones(1600)
+    x32 = x.clone().requires_grad_(True)
+    got = L.dense_focal_loss_sum(x32, cls, w)
+    got.backward()
+    x64 = x.double().requires_grad_(True)
+    onehot = F.one_hot(cls.clamp(min=0), 3).double() * (cls >= 0)[:, None]
+    ref = L.sigmoid_focal_loss(x64, onehot, 0.25, 2.0).sum()
+    ref.backward()
+    assert torch.isfinite(got) and torch.isfinite(x32.grad).all()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5)

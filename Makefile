@@ -18,6 +18,7 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/ablate presets
 	$(BIN)/ablate presets yolov3 --set box_loss=ciou
+	$(BIN)/ablate simulate --points 300
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

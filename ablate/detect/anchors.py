@@ -165,6 +165,7 @@ class Priors:
     anchor_level: Tensor  # [A] long
     level_shapes: tuple[tuple[int, int, int], ...]  # (H_l, W_l, A_l)
     level_offsets: tuple[int, ...]  # first row of each level
+    level_strides: tuple[int, ...]
     image_size: tuple[int, int]  # (H, W) of the network input
     anchor_free: bool = False
 
@@ -233,6 +234,7 @@ def build_priors(
         anchor_level=anchor_level,
         level_shapes=tuple(shapes),
         level_offsets=tuple(offsets),
+        level_strides=layout.strides,
         image_size=(H, W),
         anchor_free=layout.anchor_free,
     )

@@ -138,7 +138,7 @@ def _per_anchor_tables(priors: Priors) -> dict[str, Tensor]:
     off = torch.tensor(priors.level_offsets, device=dev)[lvl]
     first = torch.cumsum(torch.tensor([0] + [s[2] for s in priors.level_shapes[:-1]], device=dev), 0)[lvl]
     a_in = torch.arange(lvl.shape[0], device=dev) - first
-    strides = torch.tensor([float(priors.stride[o]) for o in priors.level_offsets], device=dev)[lvl]
+    strides = torch.tensor(priors.level_strides, dtype=priors.stride.dtype, device=dev)[lvl]
     return {"H": H, "W": W, "A": A, "off": off, "a_in": a_in, "stride": strides}
 
 

@@ -1,0 +1,284 @@
+"""One trial: ``train(config, report) -> final metrics``. No Ray, MLflow or SQL in here.
+
+The same function is called by a test, by ``ablate train`` and by a Ray worker. It
+builds the data, the detector and the criterion from the detector core, trains with
+warm-up then cosine or step decay, keeps an EMA of the weights, evaluates with
+pycocotools every few epochs and reports:
+
+* every ``log_every`` steps: ``{"kind": "train", "step", "epoch", "lr", "grad_norm",
+  "loss/<term>", "weighted/<term>", "loss/total", "stat/<name>"}``;
+* after each evaluation: ``{"kind": "eval", "step", "epoch", <12 COCO numbers>,
+  "per_class_AP", "infer_ms_per_image"}``.
+
+Seeding: the model is initialised from ``seed``; each epoch's data order and
+augmentations are drawn from ``(seed, epoch)``, so the same seed gives the same batches
+in every variant (seeds pair across variants) and a resumed run repeats exactly what an
+uninterrupted one would have done. A checkpoint is written after every epoch.
+
+A NaN or infinite loss ends the trial as ``diverged`` with the step and the loss terms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import TrialConfig
+from .detect import Targets, build_priors, get_layout
+from .detect.criterion import Criterion
+from .detect.model import ModelConfig, build_model
+
+Report = Callable[[dict[str, Any]], None]
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class ModelEMA:
+    """Exponential moving average of weights and buffers with a warm-up ramp
+    (``decay * (1 - exp(-updates / 2000))``, YOLOv5 ``ModelEMA``)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / 2000))
+        msd = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(msd[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only, not on norms and biases."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if name == "bias" or isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a step: linear warm-up, then cosine or step decay."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return 0.1 + 0.9 * step / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if cfg.schedule == "cosine":
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.1 ** sum(progress >= m for m in cfg.milestones)
+
+    return f
+
+
+def _targets(batch_targets: list[dict[str, Any]], device: torch.device) -> Targets:
+    return Targets.from_lists([t["boxes"].to(device) for t in batch_targets],
+                              [t["labels"].to(device) for t in batch_targets], device=device)
+
+
+def build_data(config: TrialConfig, progress: Optional[Callable[[str], None]] = None):
+    """The training and validation datasets of a trial (generating the synthetic set if missing)."""
+    from .data.coco import CocoDetection
+    from .data.synth import generate_synthetic
+    from .data.transforms import AugmentConfig
+
+    d = config.data
+    if d.synthetic is not None:
+        s = d.synthetic
+        generate_synthetic(s.root, num_train=s.train, num_val=s.val, image_size=s.size, seed=s.seed, progress=progress)
+        paths = (s.root / "annotations/instances_train.json", s.root / "train",
+                 s.root / "annotations/instances_val.json", s.root / "val")
+    else:
+        c = d.coco
+        paths = (c.train_ann, c.train_images, c.val_ann, c.val_images)
+    aug = AugmentConfig(hflip=d.hflip, jitter=d.jitter, hue=d.hue)
+    train_set = CocoDetection(paths[0], paths[1], d.image_size, train=True, augment=aug)
+    val_set = CocoDetection(paths[2], paths[3], d.image_size, train=False)
+    return train_set, val_set
+
+
+def train(
+    config: TrialConfig,
+    report: Report = lambda event: None,
+    out_dir: Optional[Path] = None,
+    resume: bool = True,
+    stop_after_epoch: Optional[int] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """Train one trial and return its final metrics.
+
+    Args:
+        config: the trial.
+        report: receives training and evaluation events (see the module docstring).
+        out_dir: where the per-epoch checkpoint goes; ``None`` keeps nothing on disk.
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists.
+        stop_after_epoch: end after this (1-based) epoch as if interrupted (for tests and
+            schedulers); the result then has ``status == "stopped"``.
+
+    Returns:
+        ``{"status": "finished" | "diverged" | "stopped", "epoch", "step", <last eval
+        metrics>, "train_seconds", "images_per_second", ...}``; a diverged trial adds
+        ``"diverged_at": {"step", "epoch", "losses"}``.
+    """
+    from .data.coco import collate
+    from .evaluate import evaluate_model, load_coco_gt
+
+    t = config.train
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    recipe = config.loss_recipe()
+    train_set, val_set = build_data(config, progress)
+    num_classes = train_set.num_classes
+    size = config.data.image_size
+    layout = get_layout(recipe.anchors)
+    priors = build_priors(layout, size, device=device)
+    criterion = Criterion(recipe, priors, num_classes)
+
+    torch.manual_seed(config.seed)
+    model = build_model(recipe, layout, num_classes, size, ModelConfig(config.model.width, config.model.depth)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
+    steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
+    total_steps = steps_per_epoch * t.epochs
+    warmup = min(int(t.warmup_epochs * steps_per_epoch), total_steps // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, total_steps, warmup))
+    ema = ModelEMA(model, t.ema_decay) if t.ema else None
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, step, last_eval, train_seconds, images_seen = 0, 0, {}, 0.0, 0
+    ckpt_path = Path(out_dir) / CHECKPOINT if out_dir else None
+    if ckpt_path and resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        start_epoch, step = state["epoch"], state["step"]
+        last_eval, train_seconds, images_seen = state["last_eval"], state["train_seconds"], state["images_seen"]
+        torch.set_rng_state(state["rng"])
+        if progress:
+            progress(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    coco_gt = load_coco_gt(val_set.ann_file)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=max(t.batch_size, 16), shuffle=False,
+                                             collate_fn=collate)
+    status = "finished"
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, t.epochs + 1):
+        model.train()
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        torch.manual_seed(config.seed * 1_000_003 + epoch)  # augmentations
+        loader = torch.utils.data.DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=gen,
+                                             collate_fn=collate, drop_last=False)
+        t0 = time.perf_counter()
+        for images, batch_targets in loader:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.to(memory_format=torch.channels_last)
+            targets = _targets(batch_targets, device)
+            with torch.autocast(device.type, enabled=use_amp):
+                pred = model(images)
+            out = criterion(pred.float(), targets)
+            if not torch.isfinite(out.total):
+                train_seconds += time.perf_counter() - t0
+                return _result("diverged", epoch, step, last_eval, train_seconds, images_seen, {
+                    "diverged_at": {"step": step, "epoch": epoch,
+                                    "losses": {k: float(v) for k, v in out.losses.items()}},
+                })
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.total).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema:
+                ema.update(model)
+            step += 1
+            images_seen += images.shape[0]
+            if step % t.log_every == 0 or step == 1:
+                event = {"kind": "train", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                         "grad_norm": float(grad_norm), "loss/total": float(out.total)}
+                event.update({f"loss/{k}": float(v) for k, v in out.losses.items()})
+                event.update({f"weighted/{k}": float(v) for k, v in out.weighted.items()})
+                event.update({f"stat/{k}": float(v) for k, v in out.stats.items()})
+                report(event)
+        train_seconds += time.perf_counter() - t0
+
+        if epoch % t.eval_every == 0 or epoch == t.epochs:
+            eval_model = ema.module if ema else model
+            metrics = evaluate_model(eval_model, val_loader, priors, recipe, coco_gt, val_set.category_ids,
+                                     device=device, conf_thresh=t.conf_thresh, nms_iou=t.nms_iou, max_det=t.max_det)
+            metrics["per_class_AP"] = {k: (None if v != v else v) for k, v in metrics["per_class_AP"].items()}
+            last_eval = {"epoch": epoch, "step": step, **metrics}
+            report({"kind": "eval", **last_eval})
+        if ckpt_path:
+            _save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "epoch": epoch, "step": step, "last_eval": last_eval, "train_seconds": train_seconds,
+                "images_seen": images_seen, "rng": torch.get_rng_state(), "config_hash": config.content_hash(),
+            })
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < t.epochs:
+            status = "stopped"
+            break
+    return _result(status, epoch, step, last_eval, train_seconds, images_seen)
+
+
+def _result(status: str, epoch: int, step: int, last_eval: dict, train_seconds: float, images_seen: int,
+            extra: Optional[dict] = None) -> dict[str, Any]:
+    res = {"status": status, "epoch": epoch, "step": step, **{k: v for k, v in last_eval.items() if k not in ("epoch", "step")},
+           "train_seconds": train_seconds, "images_per_second": images_seen / train_seconds if train_seconds else 0.0}
+    res.update(extra or {})
+    return res
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -228,6 +228,18 @@ def test_wh_ratio_three_cells_per_matched_anchor_and_none_on_far_levels():
     assert torch.bincount(priors.anchor_id[b.positive[0]], minlength=9)[:3].tolist() == [0, 3, 0]
 
 
+def test_wh_ratio_centre_on_a_cell_border_gets_only_reachable_cells():
+    priors = build_priors(get_layout("scaled_yolov4"), 640)
+    cx, cy = 10 * 8.0, (10 + 0.7) * 8  # x exactly on the border between cells 9 and 10
+    tg = one_image([cx - 12, cy - 12, cx + 12, cy + 12])
+    a = assign_wh_ratio(priors, tg, anchor_t=4.0)
+    lvl0 = a.positive[0] & (priors.level == 0)
+    cells = {tuple(c) for c in priors.cell[lvl0].long().tolist()}
+    assert cells == {(10, 10), (9, 10), (10, 11)}  # not (11, 10): offset -1 is out of 2 sigma - 0.5's range
+    off = (cx / 8 - priors.cell[lvl0][:, 0])
+    assert ((off > -0.5) & (off < 1.5)).all()
+
+
 def test_wh_ratio_no_neighbour_outside_the_grid():
     priors = build_priors(get_layout("scaled_yolov4"), 64)
     tg = one_image([0.5, 0.5, 3.7, 3.7])  # centre in the corner cell, fraction < .5 on both axes

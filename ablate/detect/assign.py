@@ -256,8 +256,10 @@ def assign_wh_ratio(priors: Priors, targets: Targets, anchor_t: float = 4.0) -> 
     inv = torch.stack((t["W"], t["H"]), -1) - g  # distance to the far edge
     left = (frac[..., 0] < 0.5) & (g[..., 0] > 1)
     up = (frac[..., 1] < 0.5) & (g[..., 1] > 1)
-    right = ((inv[..., 0] % 1) < 0.5) & (inv[..., 0] > 1)
-    down = ((inv[..., 1] % 1) < 0.5) & (inv[..., 1] > 1)
+    # strictly past the middle: a centre on a cell border (fraction 0) would otherwise also
+    # get the cell to its right, at offset -1, which 2 sigma - 0.5 cannot reach (ultralytics does this)
+    right = (frac[..., 0] > 0.5) & (inv[..., 0] > 1)
+    down = (frac[..., 1] > 0.5) & (inv[..., 1] > 1)
     dx = torch.tensor([0, -1, 0, 1, 0], device=gx.device)
     dy = torch.tensor([0, 0, -1, 0, 1], device=gx.device)
     use = torch.stack((torch.ones_like(left), left, up, right, down), -1) & match[..., None]  # [B, G, A, 5]

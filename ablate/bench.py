@@ -110,3 +110,49 @@ def environment() -> dict[str, object]:
 def write_loss_json(path: Path, rows: list[LossBenchRow], settings: dict[str, object]) -> None:
     path.write_text(json.dumps({"settings": settings, "environment": environment(),
                                 "rows": [asdict(r) for r in rows]}, indent=2))
+
+
+# --------------------------------------------------------------------------- bench train
+@dataclass
+class TrainBenchRow:
+    preset: str
+    status: str
+    AP50: float
+    AP: float
+    train_seconds: float
+    images_per_second: float
+    epochs: int
+
+
+def _train_one(config_json: str) -> dict:
+    """Worker: one preset's trial (a separate process, so each gets its own thread count)."""
+    from .config import TrialConfig
+    from .train import train
+
+    config = TrialConfig.model_validate_json(config_json)
+    res = train(config)
+    return {"preset": config.preset, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
+
+
+def bench_train(base, presets: list[str], parallel: int = 1,
+                progress: Callable[[str], None] | None = None) -> list[TrainBenchRow]:
+    """Train ``base`` (a TrialConfig) once per preset with the same data, model and budget."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from .train import build_data
+
+    build_data(base, progress)  # generate the synthetic set once, before the workers start
+    configs = [base.model_copy(update={"preset": p, "recipe": {}, "name": f"bench-{p}"}) for p in presets]
+    rows: dict[str, TrainBenchRow] = {}
+    with cf.ProcessPoolExecutor(max_workers=parallel, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, c.model_dump_json()): c.preset for c in configs}
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            row = TrainBenchRow(r["preset"], r["status"], r.get("AP50", float("nan")), r.get("AP", float("nan")),
+                                r["train_seconds"], r["images_per_second"], r["epoch"])
+            rows[row.preset] = row
+            if progress:
+                progress(f"{row.preset}: {row.status}, AP50 {row.AP50:.3f}, AP {row.AP:.3f}, "
+                         f"{row.train_seconds:.0f} s, {row.images_per_second:.1f} img/s")
+    return [rows[p] for p in presets]

@@ -126,3 +126,151 @@ def bench_loss_cmd(
     if json_path:
         write_loss_json(json_path, rows, {"batch": batch, "size": size, "classes": classes, "gts": gts, "repeats": repeats})
         err.print(f"wrote {json_path}")
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    config_path: Path = typer.Option(Path("configs/quickstart.yaml"), "--config", help="The base trial (data, model, budget)."),
+    preset_names: Optional[str] = typer.Option(None, "--presets", help="Comma-separated presets (default: all)."),
+    parallel: int = typer.Option(1, help="Trials at once, each in its own process with the config's thread count."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="Override a base config value, e.g. --set train.epochs=5."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures as JSON."),
+) -> None:
+    """Train the quickstart configuration once per preset (same data, detector and budget) and
+    print each preset's AP50, AP, training time and images per second."""
+    import json
+
+    from .bench import bench_train, environment
+    from .config import ConfigError, load_trial_config
+    from .data.coco import DatasetError
+    from .detect.recipe import PRESETS
+
+    names = [n.strip() for n in preset_names.split(",")] if preset_names else list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        fail(f"--presets: unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+    if parallel < 1:
+        fail(f"--parallel: must be >= 1, got {parallel}")
+    try:
+        base = load_trial_config(config_path, _parse_sets(sets))
+    except ConfigError as e:
+        fail(str(e))
+    err.print(f"bench train: {', '.join(names)} on {config_path} ({base.train.epochs} epochs, "
+              f"{base.threads or 'default'} thread(s) each, {parallel} at once)", highlight=False)
+    try:
+        rows = bench_train(base, names, parallel, progress=lambda m: err.print(m, highlight=False))
+    except DatasetError as e:
+        fail(str(e))
+    table = Table(title=f"train: {config_path}, {base.train.epochs} epochs, threads {base.threads or 'default'}")
+    for col in ("preset", "status", "AP50", "AP", "train s", "img/s"):
+        table.add_column(col, justify="left" if col in ("preset", "status") else "right")
+    for r in rows:
+        table.add_row(r.preset, r.status, f"{r.AP50:.3f}", f"{r.AP:.3f}", f"{r.train_seconds:.0f}", f"{r.images_per_second:.1f}")
+    console.print(table)
+    if json_path:
+        from dataclasses import asdict
+
+        json_path.write_text(json.dumps({"config": base.resolved(), "environment": environment(),
+                                         "rows": [asdict(r) for r in rows]}, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+# --------------------------------------------------------------------------- data
+data_app = typer.Typer(help="Datasets: generate the synthetic COCO-format set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _register_data() -> None:
+    from .data.synth import synth_command
+
+    data_app.command("synth")(synth_command)
+
+
+_register_data()
+
+
+# --------------------------------------------------------------------------- train
+def _parse_sets(items: list[str]) -> dict:
+    """``--set train.epochs=3`` -> nested dict; values are YAML scalars."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            fail(f"--set: {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+@app.command("train")
+def train_cmd(
+    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", help="A trial configuration (see jobs/trial_quickstart.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<name>)."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="Override a config value, e.g. --set train.epochs=3."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the folder's checkpoint if there is one."),
+) -> None:
+    """Train one trial without Ray: progress per epoch, an evaluation table each time it evaluates,
+    the final metrics, and a metrics.jsonl of every reported event in the output folder."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .config import ConfigError, load_trial_config
+    from .data.coco import DatasetError
+    from .train import train
+
+    try:
+        config = load_trial_config(config_path, _parse_sets(sets))
+    except ConfigError as e:
+        fail(str(e))
+    out = out or Path("runs") / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.resolved.json").write_text(json.dumps(config.resolved(), indent=2))
+    metrics_file = (out / "metrics.jsonl").open("a")
+
+    progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
+    task = progress.add_task("", total=config.train.epochs, epoch=0)
+
+    def report(event: dict) -> None:
+        metrics_file.write(json.dumps(event) + "\n")
+        metrics_file.flush()
+        if event["kind"] == "train":
+            terms = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in event.items() if k.startswith("loss/"))
+            progress.update(task, completed=event["epoch"] - 1, epoch=event["epoch"],
+                            description=f"step {event['step']}  {terms}  lr {event['lr']:.2e}")
+        else:
+            progress.update(task, completed=event["epoch"])
+            progress.console.print(_metrics_table(f"evaluation after epoch {event['epoch']}", event))
+
+    err.print(f"training {config.name}: preset {config.preset}, {config.train.epochs} epochs, output {out}",
+              highlight=False)
+    try:
+        with progress:
+            result = train(config, report, out_dir=out, resume=resume, progress=lambda m: progress.console.print(m))
+    except (DatasetError, ConfigError) as e:
+        fail(str(e))
+    finally:
+        metrics_file.close()
+    (out / "final.json").write_text(json.dumps(result, indent=2))
+    if result["status"] == "diverged":
+        d = result["diverged_at"]
+        fail(f"diverged at step {d['step']} (epoch {d['epoch']}): " +
+             ", ".join(f"{k} {v}" for k, v in d["losses"].items()))
+    console.print(_metrics_table(f"final ({result['status']}, {result['train_seconds']:.0f} s training, "
+                                 f"{result['images_per_second']:.1f} img/s)", result))
+
+
+def _metrics_table(title: str, m: dict) -> Table:
+    from .evaluate import COCO_METRICS
+
+    table = Table(title=title)
+    for k in COCO_METRICS:
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{m.get(k, float('nan')):.3f}" for k in COCO_METRICS))
+    return table

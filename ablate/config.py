@@ -130,6 +130,14 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Nested update: ``extra``'s leaves replace ``base``'s."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_trial_config(path: Path, overrides: dict[str, Any] | None = None) -> TrialConfig:
     """Read a trial YAML (safe loader only) into a :class:`TrialConfig`; one-line errors."""
     path = Path(path)
@@ -143,7 +151,7 @@ def load_trial_config(path: Path, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    raw.update(overrides or {})
+    raw = _merge(raw, overrides or {})
     try:
         return TrialConfig.model_validate(raw)
     except ValidationError as e:

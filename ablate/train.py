@@ -241,9 +241,9 @@ def train(
             images_seen += images.shape[0]
             if step % t.log_every == 0 or step == 1:
                 event = {"kind": "train", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                         "grad_norm": float(grad_norm), "loss/total": float(out.total)}
-                event.update({f"loss/{k}": float(v) for k, v in out.losses.items()})
-                event.update({f"weighted/{k}": float(v) for k, v in out.weighted.items()})
+                         "grad_norm": float(grad_norm), "loss/total": float(out.total.detach())}
+                event.update({f"loss/{k}": float(v.detach()) for k, v in out.losses.items()})
+                event.update({f"weighted/{k}": float(v.detach()) for k, v in out.weighted.items()})
                 event.update({f"stat/{k}": float(v) for k, v in out.stats.items()})
                 report(event)
         train_seconds += time.perf_counter() - t0

@@ -1,0 +1,130 @@
+"""train(config, report): resume equals an uninterrupted run, divergence is a result, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ablate.cli import app
+from ablate.config import ConfigError, TrialConfig, load_trial_config
+from ablate.detect.criterion import Criterion
+from ablate.train import train
+
+
+def tiny_config(root, **train_kw) -> TrialConfig:
+    train_cfg = {"epochs": 2, "batch_size": 8, "eval_every": 1, "log_every": 1, "warmup_epochs": 0.5, **train_kw}
+    return TrialConfig.model_validate({
+        "name": "tiny",
+        "preset": "yolov3",
+        "model": {"width": 0.125, "depth": 0.33},
+        "data": {"synthetic": {"root": str(root), "train": 24, "val": 8, "size": 64, "seed": 3}, "image_size": 64},
+        "train": train_cfg,
+    })
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth64")
+
+
+def _run(config, out_dir=None, **kw):
+    events = []
+    result = train(config, events.append, out_dir=out_dir, **kw)
+    return result, events
+
+
+def test_reports_train_and_eval_events(synth_root):
+    result, events = _run(tiny_config(synth_root))
+    assert result["status"] == "finished" and result["epoch"] == 2
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("eval") == 2
+    tr = next(e for e in events if e["kind"] == "train")
+    for key in ("lr", "grad_norm", "loss/box", "loss/obj", "loss/noobj", "loss/cls", "weighted/box",
+                "stat/num_pos", "stat/pos_per_gt", "stat/ignored_per_image"):
+        assert key in tr and math.isfinite(tr[key]), key
+    ev = [e for e in events if e["kind"] == "eval"][-1]
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+                "per_class_AP", "infer_ms_per_image"):
+        assert key in ev
+    assert len(ev["per_class_AP"]) >= 5
+    assert result["images_per_second"] > 0
+
+
+def test_same_seed_same_run_different_seed_differs(synth_root):
+    a, ea = _run(tiny_config(synth_root, epochs=1))
+    b, eb = _run(tiny_config(synth_root, epochs=1))
+    assert [e.get("loss/total") for e in ea] == [e.get("loss/total") for e in eb]
+    c, ec = _run(tiny_config(synth_root, epochs=1).model_copy(update={"seed": 1}))
+    assert [e.get("loss/total") for e in ea] != [e.get("loss/total") for e in ec]
+
+
+def test_resume_gives_the_same_final_metrics(synth_root, tmp_path):
+    config = tiny_config(synth_root, epochs=3)
+    full, full_events = _run(config, out_dir=tmp_path / "full")
+    first, _ = _run(config, out_dir=tmp_path / "split", stop_after_epoch=1)
+    assert first["status"] == "stopped" and first["epoch"] == 1
+    assert (tmp_path / "split" / "checkpoint.pt").exists()
+    resumed, resumed_events = _run(config, out_dir=tmp_path / "split")
+    assert resumed["status"] == "finished" and resumed["epoch"] == 3
+    for key in ("AP", "AP50", "AR100", "step"):
+        assert resumed[key] == full[key] or (math.isnan(resumed[key]) and math.isnan(full[key])), key
+    last = lambda evs: [e["loss/total"] for e in evs if e["kind"] == "train"][-3:]  # noqa: E731
+    assert last(resumed_events) == last(full_events)
+
+
+def test_nan_loss_ends_as_diverged(synth_root, monkeypatch):
+    calls = {"n": 0}
+    original = Criterion.__call__
+
+    def poisoned(self, pred, targets):
+        out = original(self, pred, targets)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.losses["box"] = out.losses["box"] * float("nan")
+            out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(Criterion, "__call__", poisoned)
+    result, _ = _run(tiny_config(synth_root))
+    assert result["status"] == "diverged"
+    assert result["diverged_at"]["step"] == 2  # two optimizer steps were taken before
+    assert math.isnan(result["diverged_at"]["losses"]["box"])
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("preset: yolov9\n", "preset: unknown preset 'yolov9'"),
+        ("recipe: {box_loss: l3}\n", "recipe.box_loss: unknown value 'l3'"),
+        ("train: {epochs: 0}\n", "train.epochs: Input should be greater than or equal to 1"),
+        ("train: {epoch: 3}\n", "train.epoch: Extra inputs are not permitted"),
+        ("data: {image_size: 100, synthetic: {}}\n", "image_size must be a multiple of 32"),
+        ("data: {image_size: 128}\n", "give exactly one of data.synthetic or data.coco"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("preset: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_trial_configs_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as e:
+        load_trial_config(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    result = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_cli_train_writes_metrics_jsonl(synth_root, tmp_path):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps(tiny_config(synth_root, epochs=1).model_dump(mode="json")))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {e["kind"] for e in lines} == {"train", "eval"}
+    assert json.loads((out / "final.json").read_text())["status"] == "finished"
+    assert "AP50" in result.output

@@ -159,7 +159,7 @@ def bench_train_cmd(
               f"{base.threads or 'default'} thread(s) each, {parallel} at once)", highlight=False)
     try:
         rows = bench_train(base, names, parallel, progress=lambda m: err.print(m, highlight=False))
-    except DatasetError as e:
+    except (DatasetError, FileExistsError) as e:
         fail(str(e))
     table = Table(title=f"train: {config_path}, {base.train.epochs} epochs, threads {base.threads or 'default'}")
     for col in ("preset", "status", "AP50", "AP", "train s", "img/s"):
@@ -253,7 +253,7 @@ def train_cmd(
     try:
         with progress:
             result = train(config, report, out_dir=out, resume=resume, progress=lambda m: progress.console.print(m))
-    except (DatasetError, ConfigError) as e:
+    except (DatasetError, ConfigError, FileExistsError) as e:
         fail(str(e))
     finally:
         metrics_file.close()

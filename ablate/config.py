@@ -61,9 +61,9 @@ class ModelSize(_Frozen):
 
 class TrainConfig(_Frozen):
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(2e-3, gt=0)  # peak learning rate
+    lr: float = Field(3e-3, gt=0)  # peak learning rate (AdamW)
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum / AdamW beta1
     weight_decay: float = Field(0.05, ge=0)  # not applied to norms and biases
     warmup_epochs: float = Field(1.0, ge=0)

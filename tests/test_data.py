@@ -359,6 +359,8 @@ BAD_SETS = {
                           ["annotation id 4", "outside the 40x64 image"]),
     "unknown category": (lambda d: d["annotations"][1].update(category_id=99),
                          ["annotation id 2", "unknown category id 99"]),
+    "category id not an integer": (lambda d: d["annotations"][0].update(category_id=[3]),
+                                   ["annotation id 1", "unknown category id [3]"]),
     "unknown image": (lambda d: d["annotations"][1].update(image_id=5),
                       ["annotation id 2", "unknown image id 5"]),
     "missing key": (lambda d: d.pop("categories"), ["instances.json", "missing key 'categories'"]),

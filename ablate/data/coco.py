@@ -181,11 +181,11 @@ class CocoDetection(Dataset):
                           label_of: dict[int, int]) -> list[float]:
         """The annotation's box as xyxy clipped to its image; DatasetError if anything is wrong."""
         where = f"{self.ann_file}: annotation id {ann['id']}"
-        if ann["image_id"] not in images:
+        if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
             raise DatasetError(f"{where}: unknown image id {ann['image_id']!r}")
         img = images[ann["image_id"]]
         where += f" (image id {img['id']}, {img['file_name']})"
-        if ann["category_id"] not in label_of:
+        if not _is_int(ann["category_id"]) or ann["category_id"] not in label_of:
             raise DatasetError(f"{where}: unknown category id {ann['category_id']!r}")
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):

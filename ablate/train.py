@@ -226,7 +226,7 @@ def train(
                 train_seconds += time.perf_counter() - t0
                 return _result("diverged", epoch, step, last_eval, train_seconds, images_seen, {
                     "diverged_at": {"step": step, "epoch": epoch,
-                                    "losses": {k: float(v) for k, v in out.losses.items()}},
+                                    "losses": {k: float(v.detach()) for k, v in out.losses.items()}},
                 })
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out.total).backward()

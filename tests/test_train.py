@@ -128,3 +128,18 @@ def test_cli_train_writes_metrics_jsonl(synth_root, tmp_path):
     assert {e["kind"] for e in lines} == {"train", "eval"}
     assert json.loads((out / "final.json").read_text())["status"] == "finished"
     assert "AP50" in result.output
+
+
+@pytest.mark.slow
+def test_bench_train_reports_each_preset(synth_root, tmp_path):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps(tiny_config(synth_root, epochs=1).model_dump(mode="json")))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "train", "--config", str(cfg), "--presets", "yolov3,retinanet",
+                                      "--parallel", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["preset"] for r in rows] == ["yolov3", "retinanet"]
+    assert all(r["status"] == "finished" and r["images_per_second"] > 0 and 0 <= r["AP50"] <= 1 for r in rows)
+    bad = CliRunner().invoke(app, ["bench", "train", "--config", str(cfg), "--presets", "yolov9"])
+    assert bad.exit_code == 2 and "unknown preset 'yolov9'" in bad.output

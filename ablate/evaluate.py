@@ -208,7 +208,7 @@ def evaluate_model(
     try:
         with torch.inference_mode():
             for images, targets in loader:
-                images = images.to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

@@ -40,6 +40,8 @@ def test_reports_train_and_eval_events(synth_root):
     assert result["status"] == "finished" and result["epoch"] == 2
     kinds = [e["kind"] for e in events]
     assert kinds.count("eval") == 2
+    assert [e["epoch"] for e in events if e["kind"] == "epoch"] == [1, 2]
+    assert kinds[-1] == "epoch"  # the epoch event comes after that epoch's evaluation
     tr = next(e for e in events if e["kind"] == "train")
     for key in ("lr", "grad_norm", "loss/box", "loss/obj", "loss/noobj", "loss/cls", "weighted/box",
                 "stat/num_pos", "stat/pos_per_gt", "stat/ignored_per_image"):
@@ -125,7 +127,7 @@ def test_cli_train_writes_metrics_jsonl(synth_root, tmp_path):
     result = CliRunner().invoke(app, ["train", str(cfg), "--out", str(out)])
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {e["kind"] for e in lines} == {"train", "eval"}
+    assert {e["kind"] for e in lines} == {"train", "eval", "epoch"}
     assert json.loads((out / "final.json").read_text())["status"] == "finished"
     assert "AP50" in result.output
 

@@ -5,17 +5,23 @@ triangle, diamond, cross, ring. Each is drawn axis-aligned and stretched to its 
 "circle" may be an ellipse of aspect 1:3. Per image (``S x S``, default 160):
 
 * background: a linear gradient between two random colours, smooth low-frequency colour
-  noise, 1-4 clutter lines and 0-3 soft blobs (clutter is never annotated);
+  noise, 1-4 clutter lines and 0-2 faint soft blobs (clutter is never annotated);
 * 0-8 objects (about 5% of the images are empty): side ``sqrt(w h)`` drawn log-uniformly
-  per size band, 45% in ``[S/20, S/5)``, 40% in ``[S/5, 3S/5)``, 15% in ``[3S/5, 0.72 S]``,
-  which at ``S = 160`` are COCO's small (< 32^2 px), medium and large; aspect ``w/h``
-  log-uniform in ``[1/3, 3]``; each side at least ``max(4, S/40)`` px;
+  per size band, 35% in ``[S/20, S/5)``, 45% in ``[S/5, 3S/5)``, 20% in ``[3S/5, 0.72 S]``,
+  which at ``S = 160`` are COCO's small (< 32^2 px), medium and large (placements fail more
+  often for large objects: about 40 / 47 / 12% of the boxes end up small / medium / large);
+  aspect ``w/h`` log-uniform in ``[1/3, 3]``; each side at least ``max(4, S/40)`` px;
 * objects are painted in order, later ones over earlier ones, and an object is only placed
-  where every object (itself included) keeps at least ``MIN_VISIBLE`` of its pixels visible;
-  a placement that fails ``PLACEMENT_TRIES`` times drops the object;
-* each object's colour is the most distant from the canvas under it of a few random draws
-  (so that small objects keep their contrast), with a mild shading across it;
-* Gaussian pixel noise of a per-image strength in ``[0.01, 0.05]``.
+  where every object (itself included) keeps at least ``MIN_VISIBLE`` (70%) of its pixels
+  visible; a placement that fails ``PLACEMENT_TRIES`` times drops the object;
+* each object's colour is the first of 16 random draws at least ``MIN_CONTRAST`` away from
+  the mean of the canvas under it (so that small objects keep their contrast), with a mild
+  shading across it;
+* Gaussian pixel noise of a per-image strength in ``[0.01, 0.04]``.
+
+Difficulty: with ``MIN_VISIBLE`` 0.5 the quickstart trial (tiny YOLOv3, 1,000 images at
+160 px) reached AP50 0.42 / AP 0.16 after 30 epochs; at 0.7 (generator version 3) it reaches
+AP50 0.51 / AP 0.20 after 20 epochs. Occlusion is the strongest knob.
 
 The boxes are the extents of each object's *visible* pixels (COCO boxes are of the visible
 part), ``[x, y, w, h]`` in pixel edges, and ``area`` is the box area ``w h`` (there are no
@@ -59,14 +65,14 @@ COUNT_PROBS: tuple[float, ...] = (0.05, 0.10, 0.13, 0.14, 0.14, 0.13, 0.12, 0.10
 SIZE_BANDS: tuple[tuple[float, float, float], ...] = ((1 / 20, 1 / 5, 0.35), (1 / 5, 3 / 5, 0.45), (3 / 5, 0.72, 0.20))
 #: Largest aspect ratio (``w / h`` is drawn log-uniformly in ``[1 / MAX_ASPECT, MAX_ASPECT]``).
 MAX_ASPECT = 3.0
-#: Fraction of its own pixels every object keeps visible.
-MIN_VISIBLE = 0.5
+#: Fraction of its own pixels every object keeps visible (the strongest difficulty knob, see above).
+MIN_VISIBLE = 0.7
 #: Random positions tried per object before it is dropped.
 PLACEMENT_TRIES = 20
 #: Smallest RGB distance wanted between an object's colour and the canvas under it.
 MIN_CONTRAST = 0.45
 #: Bumped whenever the drawing changes, so that a stored set with old pixels is not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 #: Smallest image side the generator accepts.
 MIN_IMAGE_SIZE = 64
 #: The split names and their index in the per-image seed.
@@ -430,7 +436,7 @@ def synth_command(
 
     Six classes that differ only by shape (circle, square, triangle, diamond, cross, ring),
     each in a random colour and stretched to an aspect ratio between 1:3 and 3:1; 0-8 objects
-    per image, overlapping but each at least 40% visible; sides from S/20 to 0.72 S (at 160 px:
+    per image, overlapping but each at least 70% visible; sides from S/20 to 0.72 S (at 160 px:
     COCO small, medium and large); gradient, noise and clutter (lines, blobs) in the background.
 
     Writes OUT/train/*.png, OUT/val/*.png, OUT/annotations/instances_{train,val}.json and

@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make quickstart   create .venv, install, run the quickstart and print the comparison
+#   make quickstart   create .venv, install, run jobs/quickstart.yaml on local Ray and print the comparison
 #   make test         create .venv if missing, install, run the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/ablate presets
-	$(BIN)/ablate presets yolov3 --set box_loss=ciou
-	$(BIN)/ablate simulate --points 300
+	$(BIN)/ablate submit jobs/quickstart.yaml
+	@echo "MLflow UI:   $(BIN)/ablate ui quickstart      (http://127.0.0.1:5000)"
+	@echo "SQL:         $(BIN)/ablate query \"select variant, seed, AP, AP50 from trial_results where job = 'quickstart'\""
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -25,7 +25,7 @@ app.add_typer(bench_app, name="bench")
 
 def fail(message: str) -> None:
     """Print a one-line error and exit 2 (no traceback for user errors)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -209,7 +209,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 @app.command("train")
 def train_cmd(
-    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", help="A trial configuration (see jobs/trial_quickstart.yaml)."),
+    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", help="A trial configuration (see configs/quickstart.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<name>)."),
     sets: list[str] = typer.Option([], "--set", "-s", help="Override a config value, e.g. --set train.epochs=3."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the folder's checkpoint if there is one."),
@@ -244,8 +244,9 @@ def train_cmd(
             terms = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in event.items() if k.startswith("loss/"))
             progress.update(task, completed=event["epoch"] - 1, epoch=event["epoch"],
                             description=f"step {event['step']}  {terms}  lr {event['lr']:.2e}")
-        else:
+        elif event["kind"] == "epoch":
             progress.update(task, completed=event["epoch"])
+        else:
             progress.console.print(_metrics_table(f"evaluation after epoch {event['epoch']}", event))
 
     err.print(f"training {config.name}: preset {config.preset}, {config.train.epochs} epochs, output {out}",
@@ -274,3 +275,7 @@ def _metrics_table(title: str, m: dict) -> Table:
         table.add_column(k, justify="right")
     table.add_row(*(f"{m.get(k, float('nan')):.3f}" for k in COCO_METRICS))
     return table
+
+
+# --------------------------------------------------------------------------- jobs
+from . import cli_jobs  # noqa: E402,F401  (registers submit, status, resume, cancel, results, query, ui, db)

@@ -1,0 +1,338 @@
+"""The job commands of the ``ablate`` CLI: submit, status, resume, cancel, results, query, ui, db."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .cli import app, fail
+from .console import console, err
+
+DEFAULT_STORE = "sqlite:///ablate.db"
+STORE_HELP = "SQLAlchemy URL of the results store (default: $ABLATE_STORE or sqlite:///ablate.db)."
+
+db_app = typer.Typer(help="The results store: schema migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _store_url(store: Optional[str]) -> str:
+    return store or os.environ.get("ABLATE_STORE") or DEFAULT_STORE
+
+
+def _open(store: Optional[str], create: bool = True):
+    from .store import StoreError, open_store
+
+    try:
+        return open_store(_store_url(store), create=create)
+    except StoreError as e:
+        fail(str(e))
+
+
+def _job_or_fail(st, job: str):
+    row = st.get_job(job)
+    if row is None:
+        names = [j["name"] for j in st.list_jobs()]
+        fail(f"no job named {job!r} in {st.url}" + (f"; jobs: {', '.join(names)}" if names else " (it holds no jobs)"))
+    return row
+
+
+def _load_spec(path: Path, tracking: Optional[str], store: Optional[str]):
+    from .spec import SpecError, load_job_spec
+
+    try:
+        return load_job_spec(path, tracking_uri=tracking, store=store)
+    except SpecError as e:
+        fail(str(e))
+
+
+def _run(spec, text: str, *, address, force, resume, workdir):
+    from .data.coco import DatasetError
+    from .runner import JobError, run_job
+    from .store import StoreError
+
+    try:
+        outcome = run_job(spec, text, address=address, force=force, resume=resume, workdir=workdir,
+                          live=True, console=err)
+    except (JobError, StoreError, DatasetError, FileExistsError) as e:
+        fail(str(e))
+    counts: dict[str, int] = {}
+    for s in outcome.states.values():
+        counts[s] = counts.get(s, 0) + 1
+    err.print(f"job {spec.name}: {outcome.state} in {outcome.wall_seconds:.0f} s "
+              f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})", highlight=False)
+    if outcome.state in ("finished", "failed"):
+        _print_results(_open(spec.store), spec.name, "AP", "table")
+    if outcome.state == "interrupted":
+        err.print(f"continue with: ablate resume {spec.name} --store {spec.store}", highlight=False)
+    if outcome.state not in ("finished",):
+        raise typer.Exit(1)
+
+
+@app.command("submit")
+def submit_cmd(
+    job_file: Path = typer.Argument(..., metavar="JOB.yaml", help="The job spec (see jobs/)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded trials and exit."),
+    tracking: Optional[str] = typer.Option(None, "--tracking", help="MLflow tracking URI (overrides the file)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Results store URL (overrides the file)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)."),
+    force: bool = typer.Option(False, "--force", help="Retrain trials that already finished (here or in another job)."),
+    workdir: Path = typer.Option(Path("runs"), "--workdir", help="Checkpoints and Ray's experiment folder (shared by all nodes)."),
+) -> None:
+    """Validate a job, register it, train its trials on Ray, record to MLflow and the store."""
+    spec = _load_spec(job_file, tracking, store)
+    trials = spec.trials()
+    if dry_run:
+        table = Table(title=f"job {spec.name}: {len(trials)} trials ({len(spec.variant_names())} variants x "
+                            f"{len(spec.seeds)} seeds), baseline {spec.baseline or spec.variant_names()[0]}")
+        for col in ("variant", "seed", "hash", "preset", "overrides"):
+            table.add_column(col)
+        for t in trials:
+            table.add_row(t.variant, str(t.seed), t.hash, t.config.preset,
+                          ", ".join(f"{k}={v}" for k, v in t.overrides.items()) or "-")
+        console.print(table)
+        err.print(f"resources per trial: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU; "
+                  f"tracking {spec.tracking.uri}; store {spec.store}", highlight=False)
+        return
+    _run(spec, job_file.read_text(), address=address, force=force, resume=False, workdir=workdir)
+
+
+@app.command("resume")
+def resume_cmd(
+    job: str = typer.Argument(..., help="The job's name."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join."),
+    workdir: Path = typer.Option(Path("runs"), "--workdir", help="As given to submit."),
+) -> None:
+    """Continue an interrupted job: finished trials are kept, interrupted ones continue from their checkpoint."""
+    import tempfile
+
+    st = _open(store)
+    row = _job_or_fail(st, job)
+    if row.state == "cancelled":
+        fail(f"job {job!r} was cancelled; submit it again to run it")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"{job}.yaml"
+        path.write_text(row.spec_yaml)
+        spec = _load_spec(path, row.tracking_uri, st.url)
+    _run(spec, row.spec_yaml, address=address, force=False, resume=True, workdir=workdir)
+
+
+@app.command("cancel")
+def cancel_cmd(
+    job: str = typer.Argument(..., help="The job's name."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Cancel a job: a running driver stops its trials; pending trials are marked cancelled."""
+    st = _open(store)
+    row = _job_or_fail(st, job)
+    if row.state in ("finished", "cancelled"):
+        err.print(f"job {job} is already {row.state}")
+        return
+    st.set_job(job, state="cancelled")
+    n = 0
+    for t in st.trials_of(job):
+        if t.state == "pending":
+            st.update_trial(t.id, state="cancelled")
+            n += 1
+    err.print(f"job {job} cancelled ({n} pending trial(s) will not run; a running driver stops within seconds)")
+
+
+@app.command("status")
+def status_cmd(
+    job: Optional[str] = typer.Argument(None, help="A job's name (default: list all jobs)."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """The jobs in the store, or one job's trials (state, epoch, attempts, node, wall time)."""
+    st = _open(store)
+    if job is None:
+        table = Table(title=f"jobs in {st.url}")
+        for col in ("job", "state", "created", "trials"):
+            table.add_column(col)
+        for j in st.list_jobs():
+            counts = j.get("counts") or {}
+            table.add_row(j["name"], j["state"], str(j["created_at"])[:19],
+                          ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        console.print(table)
+        return
+    row = _job_or_fail(st, job)
+    table = Table(title=f"job {job}: {row.state}")
+    for col in ("variant", "seed", "state", "epoch", "attempts", "node", "wall s", "hash", "error"):
+        table.add_column(col)
+    variants = {v.id: v.name for v in st.variants_of(job)} if hasattr(st, "variants_of") else {}
+    for t in st.trials_of(job):
+        table.add_row(variants.get(t.variant_id, str(t.variant_id)), str(t.seed), t.state, str(t.epoch),
+                      str(t.attempts), t.node or "", "" if t.wall_seconds is None else f"{t.wall_seconds:.0f}",
+                      t.hash, (t.error or "")[:60])
+    console.print(table)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _print_results(st, job: str, metric: str, fmt: str, method: str = "t") -> None:
+    """Print the job's per-variant comparison (``ablate.stats.compare``) as table, csv, json or markdown.
+
+    ``method``: "t" or "bootstrap" intervals. Exits 2 with one line on an unknown job, metric or an
+    empty job.
+    """
+    from .evaluate import COCO_METRICS
+    from .stats import compare, curve_bands
+
+    if metric not in COCO_METRICS:
+        fail(f"--metric: unknown metric {metric!r}; choose one of {', '.join(COCO_METRICS)}")
+    row = _job_or_fail(st, job)
+    df = st.results(job)
+    if df.empty:
+        fail(f"job {job!r} has no trials in {st.url}")
+    baseline = row.baseline if row.baseline in set(df["variant"]) else df["variant"].iloc[0]
+    names = ["eval/AP", "stat/pos_per_gt", "stat/gt_without_pos_frac", "stat/ignored_per_image"]
+    curves = st.curves(job, names + [f"stat/pos_per_gt_l{k}" for k in range(16)])
+    try:
+        table = compare(df, curves, baseline, metric=metric, method=method)
+    except ValueError as e:
+        fail(str(e))
+    if fmt == "csv":
+        console.file.write(table.to_csv(index=False))
+        return
+    if fmt == "json":
+        counted = set(df.loc[df["state"].isin(("finished", "reused")), "trial_id"])
+        bands = curve_bands(curves[curves["trial_id"].isin(counted)], "eval/AP")
+        doc = {"job": job, "baseline": baseline, "metric": metric, "method": method, "confidence": 0.95,
+               "variants": json.loads(table.to_json(orient="records")),
+               "ap_by_epoch": json.loads(bands.to_json(orient="records"))}
+        console.file.write(json.dumps(doc, indent=2) + "\n")
+        return
+
+    def ci(r, col: str, sign: str = "") -> str:
+        if math.isnan(r[col]):
+            return "-"
+        low, high = r[f"{col}_low"], r[f"{col}_high"]
+        bounds = "" if math.isnan(low) else f" [{low:{sign}.3f}, {high:{sign}.3f}]"
+        return f"{r[col]:{sign}.3f}{bounds}"
+
+    how = "bootstrap, 10,000 resamples" if method == "bootstrap" else "t"
+    header = ["variant", "seeds", "pairs", f"{metric} [95% CI]", f"Δ{metric} vs {baseline} [95% CI]", "p",
+              "AUC", "ep→90%", "diverged", "failed"]
+    lines = []
+    for _, r in table.iterrows():
+        base = bool(r["is_baseline"])
+        diff = "" if base else ci(r, f"{metric}_diff", "+") + (" *" if r[f"{metric}_sig"] else "")
+        p = r[f"{metric}_p"]
+        lines.append([str(r["variant"]) + (" (baseline)" if base else ""), str(r["seeds"]),
+                      "" if base else str(r["pairs"]), ci(r, metric), diff,
+                      "" if base else ("-" if math.isnan(p) else "<1e-4" if p == 0 and method == "bootstrap"
+                                       else f"{p:.3g}"), _fmt(r["auc"]),
+                      _fmt(r["epochs_to_90"], 1), str(r["diverged"]), str(r["failed"])])
+    if table["note"].notna().any():
+        header.append("note")
+        for line, note in zip(lines, table["note"]):
+            line.append(note or "")
+    caption = (f"mean over seeds [95% CI, {how}]; Δ paired by seed; * the CI excludes 0; "
+               "AUC: mean AP over epochs; ep→90%: epochs to 90% of final AP")
+    if fmt == "markdown":
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        console.file.write("\n".join(out) + f"\n\n{caption}\n")
+        return
+    t = Table(title=f"job {job}: {metric} per variant", caption=caption)
+    for h in header:
+        t.add_column(h, justify="left" if h in ("variant", "note") else "right")
+    for line in lines:
+        t.add_row(*line)
+    console.print(t)
+
+
+@app.command("results")
+def results_cmd(
+    job: str = typer.Argument(..., help="The job's name."),
+    metric: str = typer.Option("AP", "--metric", help="Headline COCO metric (AP, AP50, AP75, APs, ..., ARl)."),
+    fmt: str = typer.Option("table", "--format", help="table, csv, json or markdown."),
+    bootstrap: bool = typer.Option(False, "--bootstrap",
+                                   help="Percentile bootstrap intervals (10,000 resamples, fixed seed) instead of t."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Per variant: seeds, mean and 95% CI of the headline metric, the difference from the baseline
+    paired by seed (CI, p, * when the CI excludes 0), and convergence (AUC, epochs to 90%).
+    csv and json carry every COCO metric, convergence and assignment column."""
+    from .evaluate import COCO_METRICS
+
+    if fmt not in ("table", "csv", "json", "markdown"):
+        fail(f"--format: unknown format {fmt!r}; choose one of table, csv, json, markdown")
+    if metric not in COCO_METRICS:
+        fail(f"--metric: unknown metric {metric!r}; choose one of {', '.join(COCO_METRICS)}")
+    _print_results(_open(store, create=False), job, metric, fmt, "bootstrap" if bootstrap else "t")
+
+
+@app.command("query")
+def query_cmd(
+    sql: str = typer.Argument(..., help='A read-only SQL query, e.g. "select * from trial_results".'),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    fmt: str = typer.Option("table", "--format", help="table or csv."),
+) -> None:
+    """Run a read-only query on the store (anything that could write is refused)."""
+    from .store import StoreError
+
+    st = _open(store, create=False)
+    try:
+        columns, rows = st.query(sql)
+    except StoreError as e:
+        fail(str(e))
+    if fmt == "csv":
+        import csv
+        import sys
+
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(rows)
+        return
+    t = Table()
+    for c in columns:
+        t.add_column(str(c))
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    console.print(t)
+
+
+@app.command("ui")
+def ui_cmd(
+    job: Optional[str] = typer.Argument(None, help="A job whose tracking store to open (default: --tracking)."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    tracking: Optional[str] = typer.Option(None, "--tracking", help="MLflow tracking URI (default: sqlite:///mlflow.db)."),
+    port: int = typer.Option(5000, "--port"),
+) -> None:
+    """MLflow's UI for the job's tracking store, bound to 127.0.0.1."""
+    import shutil
+    import subprocess
+    import sys
+
+    uri = tracking
+    if uri is None and job is not None:
+        uri = _job_or_fail(_open(store, create=False), job).tracking_uri
+    uri = uri or "sqlite:///mlflow.db"
+    if not (uri.startswith("sqlite:") or uri.startswith("postgresql") or uri.startswith("mysql") or uri.startswith("file:")
+            or Path(uri).exists()):
+        err.print(f"{uri} is a tracking server: open it in a browser", highlight=False)
+        return
+    exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    err.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", highlight=False)
+    raise typer.Exit(subprocess.call([exe, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]))
+
+
+@db_app.command("upgrade")
+def db_upgrade_cmd(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+    """Migrate the results store's schema to this version of ablate (Alembic)."""
+    from .store import StoreError, upgrade
+
+    url = _store_url(store)
+    try:
+        rev = upgrade(url)
+    except StoreError as e:
+        fail(str(e))
+    err.print(f"store {url} is at schema {rev}", highlight=False)

@@ -1,0 +1,412 @@
+"""Run a job's trials on Ray Tune; the driver records (``ablate.record``) and shows a live table.
+
+Why Ray Tune rather than Ray core: Tune already has what a trial needs from a scheduler, and
+we would otherwise write it again: a per-trial resource request (``tune.with_resources``,
+fractional GPUs included) with queueing beyond the cluster's capacity and
+``max_concurrent_trials``; per-epoch results and checkpoints that flow from the worker to the
+driver (``tune.report(..., checkpoint=...)``) and are kept on the experiment's storage; and
+retries of a crashed trial from its last checkpoint (``FailureConfig(max_failures)``). Its
+driver-side ``Callback`` hooks are exactly where our recorder belongs: they run in the
+driver process, so only the driver writes to MLflow and the store.
+
+What Tune does not decide: which trials to run. Before ``fit`` the driver asks the store:
+a trial already finished or diverged in this job is not run again; one whose hash finished in
+another job is reused (unless ``force``); an interrupted one (the driver died) continues from
+the checkpoint path the store kept. So ``ablate resume`` starts a new Tune experiment over the
+unfinished trials instead of restoring Tune's own experiment state, and the store stays the
+single source of truth.
+
+The worker (:func:`_trainable`) calls :func:`ablate.train.train` exactly as a test does,
+buffers its events, and at the end of every epoch reports them with the epoch's checkpoint.
+A diverged trial returns normally (its result says so): Tune does not retry it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import tune
+
+from .spec import JobSpec, Trial
+
+#: Trial states in which nothing is left to run.
+DONE_STATES = ("finished", "diverged", "reused")
+
+
+class JobError(RuntimeError):
+    """A job that cannot run as asked; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------- worker
+def _trainable(params: dict[str, Any], trials: dict[str, dict[str, Any]], fault: Optional[dict] = None) -> None:
+    """One trial in a Ray worker: ``train()`` with per-epoch reports and checkpoints to Tune."""
+    import ray
+    import torch
+
+    from .config import TrialConfig
+    from .train import CHECKPOINT, train
+
+    key = params["trial"]
+    payload = trials[key]
+    config = TrialConfig.model_validate_json(payload["config"])
+    work = Path(tempfile.mkdtemp(prefix="ablate-trial-"))
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:  # a retry after a crash: Tune hands back the last checkpoint
+        with ckpt.as_directory() as d:
+            shutil.copy(Path(d) / CHECKPOINT, work / CHECKPOINT)
+    elif payload.get("resume_from") and Path(payload["resume_from"], CHECKPOINT).is_file():  # ablate resume
+        shutil.copy(Path(payload["resume_from"], CHECKPOINT), work / CHECKPOINT)
+
+    node = ray.get_runtime_context().get_node_id()[:12]
+    device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+    buffer: list[dict[str, Any]] = []
+    injected = fault is not None and fault.get("trial") == key and not Path(fault["marker"]).exists()
+
+    def report(event: dict[str, Any]) -> None:
+        if event["kind"] == "epoch":
+            buffer.append(event)
+            events = list(buffer)
+            buffer.clear()
+            tune.report({"epoch": event["epoch"], "events": events, "node": node, "device": device},
+                        checkpoint=tune.Checkpoint.from_directory(str(work)))
+            return
+        buffer.append(event)
+        if injected and event["kind"] == "train" and event["epoch"] > fault["epoch"]:
+            Path(fault["marker"]).touch()  # once: the retry must get through
+            os._exit(1)  # a worker killed mid-epoch (tests inject this)
+
+    try:
+        result = train(config, report, out_dir=work, resume=True)
+        tune.report({"epoch": result["epoch"], "events": list(buffer), "final": result, "node": node,
+                     "device": device})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- driver
+@dataclass
+class _Row:
+    trial: Trial
+    state: str = "pending"
+    epoch: int = 0
+    ap: Optional[float] = None
+    node: str = ""
+    attempts: int = 0
+    note: str = ""
+
+
+@dataclass
+class Outcome:
+    """What a job run did: trial keys by final state, the job's state and the wall time."""
+
+    job: str
+    state: str
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    states: dict[str, str] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+class _Unpicklable:
+    """Tune pickles its run config (for a restore we never use); our driver-side hooks hold
+    live connections, so they pickle as empty shells."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        pass
+
+
+class _RecorderCallback(_Unpicklable, tune.Callback):
+    """Forwards Tune's driver-side events to the recorder (MLflow + store) and the live table."""
+
+    def __init__(self, recorder, rows: dict[str, _Row], live_update):
+        self.recorder, self.rows, self.live_update = recorder, rows, live_update
+
+    @staticmethod
+    def _key(trial) -> str:
+        return trial.config["trial"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        row = self.rows[key]
+        row.attempts += 1
+        row.state = "running"
+        self.recorder.trial_started(key, row.attempts)
+        self.live_update()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.rows[self._key(trial)].note = f"retrying after a crash ({trial.num_failures} so far)"
+        self.live_update()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = self._key(trial)
+        row = self.rows[key]
+        events = result.get("events") or []
+        row.node = result.get("node", row.node)
+        self.recorder.trial_events(key, events, node=row.node, device=result.get("device"))
+        for e in events:
+            if e.get("kind") == "eval":
+                row.ap = e.get("AP")
+            if e.get("kind") == "epoch":
+                row.epoch = e["epoch"]
+        final = result.get("final")
+        if final is not None:
+            self.recorder.trial_result(key, final)
+            row.state = {"finished": "finished", "diverged": "diverged"}.get(final["status"], "stopped")
+            row.note = ""
+        self.live_update()
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.recorder.trial_checkpoint(self._key(trial), checkpoint.path)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        error = ""
+        try:
+            error = trial.get_error() or ""
+        except Exception:  # the error file is best effort
+            pass
+        lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+        msg = lines[-1] if lines else "trial failed"
+        self.recorder.trial_failed(key, msg, self.rows[key].attempts)
+        self.rows[key].state = "failed"
+        self.rows[key].note = msg[:80]
+        self.live_update()
+
+
+class _CancelStopper(_Unpicklable, tune.Stopper):
+    """Stops everything once ``ablate cancel`` marked the job cancelled in the store."""
+
+    def __init__(self, store, job: str, poll_s: float = 2.0):
+        self.store, self.job, self.poll_s = store, job, poll_s
+        self._last = 0.0
+        self.cancelled = False
+
+    def __call__(self, trial_id, result):
+        return self.cancelled
+
+    def stop_all(self):
+        now = time.monotonic()
+        if not self.cancelled and now - self._last >= self.poll_s:
+            self._last = now
+            job_row = self.store.get_job(self.job)
+            self.cancelled = bool(job_row and job_row.state == "cancelled")
+        return self.cancelled
+
+
+def _absolute_paths(trial: Trial) -> str:
+    """The trial config as JSON with its data paths made absolute (workers run elsewhere)."""
+    data = trial.config.data
+    if data.synthetic is not None:
+        data = data.model_copy(update={"synthetic": data.synthetic.model_copy(
+            update={"root": data.synthetic.root.resolve()})})
+    else:
+        c = data.coco
+        data = data.model_copy(update={"coco": c.model_copy(update={k: getattr(c, k).resolve() for k in (
+            "train_ann", "train_images", "val_ann", "val_images")})})
+    return trial.config.model_copy(update={"data": data}).model_dump_json()
+
+
+def _prepare_data(spec: JobSpec, say) -> None:
+    """Generate the synthetic set once on the driver, before the workers start (they would race)."""
+    s = spec.dataset.synthetic
+    if s is None:
+        return
+    from .data.synth import generate_synthetic
+
+    generate_synthetic(s.root, num_train=s.train, num_val=s.val, image_size=s.size, seed=s.seed, progress=say)
+
+
+def _table(spec: JobSpec, rows: dict[str, _Row], started: float):
+    from rich.table import Table
+
+    done = sum(r.state in ("finished", "diverged", "reused", "failed") for r in rows.values())
+    table = Table(title=f"job {spec.name}: {done}/{len(rows)} trials done, {time.time() - started:.0f} s",
+                  title_justify="left")
+    for col in ("trial", "state", "epoch", "AP", "node", "attempts", ""):
+        table.add_column(col, justify="right" if col in ("epoch", "AP", "attempts") else "left")
+    color = {"running": "cyan", "finished": "green", "diverged": "yellow", "failed": "red", "reused": "blue",
+             "cancelled": "magenta"}
+    for key, r in rows.items():
+        total = r.trial.config.train.epochs
+        table.add_row(key, f"[{color.get(r.state, 'white')}]{r.state}[/]", f"{r.epoch}/{total}",
+                      "" if r.ap is None else f"{r.ap:.3f}", r.node, str(r.attempts or ""), r.note)
+    return table
+
+
+def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, force: bool = False,
+            resume: bool = False, workdir: Path = Path("runs"), live: bool = True, mlflow: bool = True,
+            fault: Optional[dict] = None, console=None) -> Outcome:
+    """Run (or resume) a job: register it, skip or reuse what is done, train the rest on Ray.
+
+    Args:
+        spec: the validated job.
+        spec_yaml: the file's text (stored with the job).
+        address: a Ray cluster to join (default: ``RAY_ADDRESS`` or a new local Ray).
+        force: retrain trials even when they (or the same hash elsewhere) already finished.
+        resume: continue a job that exists in the store (``ablate resume``).
+        workdir: Tune's experiment storage goes under ``workdir/<job>/``; it must be shared by
+            every node of a multi-node cluster.
+        live: show the live Rich table.
+        mlflow: record to MLflow as well as to the store.
+        fault: tests only: ``{"trial": key, "epoch": k, "marker": path}`` kills that trial's worker
+            once, during epoch ``k + 1``.
+    """
+    from rich.console import Console
+    from rich.live import Live
+
+    from .record import Recorder
+    from .store import open_store
+
+    console = console or Console(stderr=True)
+    say = lambda m: console.print(m, highlight=False)  # noqa: E731
+    started = time.time()
+    store = open_store(spec.store)
+    existing = store.get_job(spec.name)
+    if resume and existing is None:
+        raise JobError(f"no job named {spec.name!r} in the store {spec.store}")
+    if existing is not None and existing.state == "running" and not resume:
+        raise JobError(f"job {spec.name!r} is marked running in {spec.store}; if its driver is gone, "
+                       f"continue it with `ablate resume {spec.name}` (or cancel it with `ablate cancel {spec.name}`)")
+    trials = spec.trials()
+    recorder = Recorder(spec, store, spec_yaml, mlflow=mlflow)
+    recorder.register(trials)
+    if existing is not None and existing.state in ("running", "interrupted") and existing.mlflow_parent_run_id \
+            and recorder.client is not None:
+        recorder.client.set_tag(existing.mlflow_parent_run_id, "ablate.state", "interrupted")
+        recorder.client.set_terminated(existing.mlflow_parent_run_id, status="KILLED")
+
+    outcome = Outcome(spec.name, "finished")
+    rows = {t.key: _Row(t) for t in trials}
+    to_run: list[Trial] = []
+    resume_from: dict[str, Optional[str]] = {}
+    for t in trials:
+        st = recorder.trials[t.key]
+        row = store.get_trial(st.store_id)
+        rows[t.key].attempts = row.attempts or 0
+        if force and row.state in DONE_STATES + ("failed", "cancelled"):
+            store.reset_trial(st.store_id)
+            st.run_id, st.mlflow_step = None, -1
+            row = store.get_trial(st.store_id)
+        if row.state in DONE_STATES:
+            rows[t.key].state, rows[t.key].epoch = row.state, row.epoch or 0
+            outcome.skipped.append(t.key)
+            continue
+        source = None if force else store.finished_trial_with_hash(t.hash, exclude_job=spec.name)
+        if source is not None:
+            recorder.trial_reused(t.key, source.id)
+            rows[t.key].state, rows[t.key].note = "reused", f"from trial {source.id}"
+            outcome.reused.append(t.key)
+            continue
+        to_run.append(t)
+        resume_from[t.key] = row.checkpoint if row.state in ("running", "pending", "failed", "cancelled") else None
+        rows[t.key].epoch = row.epoch or 0
+
+    if not to_run:
+        say(f"job {spec.name}: nothing to train ({len(outcome.skipped)} done, {len(outcome.reused)} reused)")
+        store.set_job(spec.name, state="finished")
+        outcome.states = {k: r.state for k, r in rows.items()}
+        return outcome
+
+    _prepare_data(spec, say)
+    recorder.start(resumed=existing is not None)
+    outcome.trained = [t.key for t in to_run]
+
+    import ray
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the recorder is our logger
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banner, our live table instead
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import logging
+
+    for name in ("ray.tune", "ray.train"):  # Tune's own reporting: the live table and the recorder replace it
+        logging.getLogger(name).setLevel(logging.ERROR)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+    threads = max(1, int(spec.resources.cpus))
+    payload = {}
+    for t in to_run:
+        cfg_json = _absolute_paths(t)
+        if t.config.threads is None:
+            from .config import TrialConfig
+
+            cfg_json = TrialConfig.model_validate_json(cfg_json).model_copy(update={"threads": threads}).model_dump_json()
+        payload[t.key] = {"config": cfg_json, "resume_from": resume_from.get(t.key)}
+
+    storage = (Path(workdir) / spec.name).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, trials=payload, fault=fault), resources)
+    stopper = _CancelStopper(store, spec.name)
+    lock = threading.Lock()
+    live_view = Live(_table(spec, rows, started), console=console, refresh_per_second=2, transient=False) \
+        if live else None
+
+    def update() -> None:
+        if live_view is not None:
+            with lock:
+                live_view.update(_table(spec, rows, started))
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.key for t in to_run])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[_RecorderCallback(recorder, rows, update)],
+            stop=stopper,
+            verbose=0,
+        ),
+    )
+    say(f"job {spec.name}: {len(to_run)} trial(s) to train on Ray"
+        f" ({spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU each"
+        f"{f', at most {spec.max_concurrent} at once' if spec.max_concurrent else ''});"
+        f" {len(outcome.skipped)} already done, {len(outcome.reused)} reused")
+    interrupted = False
+    try:
+        if live_view is not None:
+            with live_view:
+                tuner.fit()
+        else:
+            tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+    cancelled = stopper.cancelled or (store.get_job(spec.name).state == "cancelled")
+    for key, r in rows.items():
+        row = store.get_trial(recorder.trials[key].store_id)
+        if row.state in ("pending", "running") and cancelled:
+            recorder.trial_cancelled(key)
+            r.state = "cancelled"
+        else:
+            r.state = row.state
+    outcome.states = {k: r.state for k, r in rows.items()}
+    left = [k for k, s in outcome.states.items() if s in ("pending", "running")]
+    if cancelled:
+        outcome.state = "cancelled"
+    elif interrupted or left:
+        outcome.state = "interrupted"
+    elif any(s == "failed" for s in outcome.states.values()):
+        outcome.state = "failed"
+    recorder.finish(outcome.state)
+    outcome.wall_seconds = time.time() - started
+    return outcome

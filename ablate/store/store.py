@@ -1,0 +1,491 @@
+"""The results store: jobs, their variants and trials, and every trial's metric curves.
+
+Only the driver writes here (workers never open the store). Objects returned
+by the methods are detached but fully loaded (``expire_on_commit=False``; a
+trial's variant comes with it), so callers read their attributes freely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from sqlalchemy import Connection, Engine, bindparam, delete, event, func, select, text, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from .db import (
+    DEFAULT_URL,
+    StoreError,
+    _one_line,
+    _sqlite_file,
+    display_url,
+    make_engine,
+    schema_status,
+    upgrade_engine,
+)
+from .models import JOB_STATES, TRIAL_STATES, Job, Metric, Trial, Variant
+from .readonly import QueryRefused, check_select
+
+if TYPE_CHECKING:
+    import pandas
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+JOB_FIELDS = frozenset({"state", "mlflow_experiment_id", "mlflow_parent_run_id", "description", "spec_yaml",
+                        "spec_json", "baseline", "tracking_uri"})
+TRIAL_FIELDS = frozenset({"state", "attempts", "epoch", "node", "device", "wall_seconds", "error", "mlflow_run_id",
+                          "result_json", "reused_from", "config_json", "checkpoint"})
+_METRIC_BATCH = 1000  # rows per INSERT (6 parameters a row: far under SQLite's 32766)
+_SQLITE_INSERT_METRICS = (sqlite_insert(Metric.__table__)
+                          .on_conflict_do_nothing(index_elements=["trial_id", "name", "step"])
+                          .returning(Metric.__table__.c.step))
+_PG_INSERT_METRICS = text(
+    "INSERT INTO metrics (trial_id, name, step, epoch, value, is_nan) "
+    "SELECT :trial_id, u.name, u.step, u.epoch, u.value, u.is_nan FROM unnest("
+    "CAST(:names AS VARCHAR[]), CAST(:steps AS INTEGER[]), CAST(:epochs AS INTEGER[]), "
+    "CAST(:vals AS DOUBLE PRECISION[]), CAST(:nans AS BOOLEAN[])) AS u(name, step, epoch, value, is_nan) "
+    "ON CONFLICT (trial_id, name, step) DO NOTHING RETURNING step")
+
+
+def _json(value: Any) -> str:
+    """A JSON text column's value: strings pass through (already JSON), anything else is dumped."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _reset(trial: Trial) -> None:
+    trial.state, trial.attempts, trial.epoch = "pending", 0, 0
+    trial.node = trial.device = trial.wall_seconds = trial.error = None
+    trial.mlflow_run_id = trial.result_json = trial.reused_from = trial.checkpoint = None
+
+
+def _check_state(state: str, allowed: Sequence[str], what: str) -> None:
+    if state not in allowed:
+        raise ValueError(f"unknown {what} state {state!r}; one of: {', '.join(allowed)}")
+
+
+class Store:
+    """A results store at ``url`` whose schema is at this ablate's head revision (see ``open_store``)."""
+
+    def __init__(self, url: str, engine: Engine) -> None:
+        self.url = url
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._reader: Engine | None = None  # SQLite: unpooled query-only connections for ``query``
+
+    def __repr__(self) -> str:
+        return f"Store({display_url(self.url)!r})"
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.dispose()
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed when the block ends, rolled back on an exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def get_job(self, name: str) -> Job | None:
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.name == name))
+
+    def _job(self, s: Session, name: str) -> Job:
+        job = s.scalar(select(Job).where(Job.name == name))
+        if job is None:
+            raise StoreError(f"no job named {name!r} in store {display_url(self.url)}")
+        return job
+
+    def create_or_get_job(self, name: str, *, description: str | None = "", spec_yaml: str, spec_json: Any,
+                          baseline: str | None = None, tracking_uri: str | None = None) -> Job:
+        """The job called ``name``: created (state "running") or, if it exists, its spec fields updated.
+
+        An existing job keeps its id, state, MLflow ids and trials; ``spec_json`` may be
+        a JSON string or a JSON-able object.
+        """
+        fields = dict(description=description or "", spec_yaml=spec_yaml, spec_json=_json(spec_json),
+                      baseline=baseline, tracking_uri=tracking_uri)
+        with self.session() as s:
+            job = s.scalar(select(Job).where(Job.name == name))
+            if job is None:
+                job = Job(name=name, state="running", **fields)
+                s.add(job)
+            else:
+                for key, value in fields.items():
+                    setattr(job, key, value)
+            s.flush()
+            return job
+
+    def set_job(self, name: str, **fields: Any) -> None:
+        """Set fields of a job: state, mlflow_experiment_id, mlflow_parent_run_id, description, baseline, ..."""
+        unknown = set(fields) - JOB_FIELDS
+        if unknown:
+            raise TypeError(f"set_job: unknown field(s) {', '.join(sorted(unknown))}")
+        if "state" in fields:
+            _check_state(fields["state"], JOB_STATES, "job")
+        if "spec_json" in fields:
+            fields["spec_json"] = _json(fields["spec_json"])
+        with self.session() as s:
+            job = self._job(s, name)
+            for key, value in fields.items():
+                setattr(job, key, value)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Every job, oldest first: name, state, description, baseline, created_at, updated_at,
+        ``trials`` (count of trials per state, only states that occur) and ``n_trials``."""
+        with self.session() as s:
+            jobs = s.scalars(select(Job).order_by(Job.id)).all()
+            counts: dict[int, dict[str, int]] = {}
+            for job_id, state, n in s.execute(
+                    select(Trial.job_id, Trial.state, func.count()).group_by(Trial.job_id, Trial.state)):
+                counts.setdefault(job_id, {})[state] = n
+        return [
+            dict(name=j.name, state=j.state, description=j.description, baseline=j.baseline,
+                 created_at=j.created_at, updated_at=j.updated_at, trials=dict(sorted(counts.get(j.id, {}).items())),
+                 n_trials=sum(counts.get(j.id, {}).values()))
+            for j in jobs
+        ]
+
+    # --- variants and trials ------------------------------------------------------------------
+
+    def ensure_trials(self, job_name: str, trials: list[dict[str, Any]]) -> list[Trial]:
+        """Register a job's trials; return their rows in input order.
+
+        Each dict has ``variant`` (name), ``overrides`` (dict), ``seed``, ``hash`` and
+        ``config`` (dict). Missing variants and trials are created (trials "pending");
+        an existing (job, variant, seed) row with the same hash is left alone; one whose
+        hash differs (the spec changed) gets the new hash and config, is reset to
+        "pending" with its run fields and checkpoint cleared, and loses its old metrics. A variant's
+        overrides are updated to the latest. Trials of the job that are not in
+        ``trials`` are kept.
+        """
+        seen: set[tuple[str, int]] = set()
+        for t in trials:
+            key = (t["variant"], int(t["seed"]))
+            if key in seen:
+                raise StoreError(f"job {job_name!r}: trial variant={key[0]!r} seed={key[1]} is listed twice")
+            seen.add(key)
+        with self.session() as s:
+            job = self._job(s, job_name)
+            variants = {v.name: v for v in s.scalars(select(Variant).where(Variant.job_id == job.id))}
+            for t in trials:
+                overrides = _json(t.get("overrides") or {})
+                v = variants.get(t["variant"])
+                if v is None:
+                    v = variants[t["variant"]] = Variant(job_id=job.id, name=t["variant"], overrides_json=overrides)
+                    s.add(v)
+                elif v.overrides_json != overrides:
+                    v.overrides_json = overrides
+            s.flush()
+            existing = {(r.variant_id, r.seed): r for r in s.scalars(select(Trial).where(Trial.job_id == job.id))}
+            out: list[Trial] = []
+            reset: list[int] = []
+            for t in trials:
+                v = variants[t["variant"]]
+                seed = int(t["seed"])
+                row = existing.get((v.id, seed))
+                if row is None:
+                    row = Trial(job_id=job.id, variant_id=v.id, variant=v, seed=seed, hash=t["hash"],
+                                config_json=_json(t.get("config") or {}), state="pending", attempts=0, epoch=0)
+                    s.add(row)
+                elif row.hash != t["hash"]:
+                    row.hash = t["hash"]
+                    row.config_json = _json(t.get("config") or {})
+                    _reset(row)
+                    reset.append(row.id)
+                out.append(row)
+            if reset:
+                s.execute(delete(Metric).where(Metric.trial_id.in_(reset)))
+            s.flush()
+            return out
+
+    def get_trial(self, trial_id: int) -> Trial:
+        with self.session() as s:
+            trial = s.get(Trial, trial_id)
+            if trial is None:
+                raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}")
+            return trial
+
+    def trials_of(self, job_name: str) -> list[Trial]:
+        """The job's trials in variant creation order, then seed."""
+        with self.session() as s:
+            job = self._job(s, job_name)
+            return list(s.scalars(select(Trial).where(Trial.job_id == job.id)
+                                  .order_by(Trial.variant_id, Trial.seed)).all())
+
+    def finished_trial_with_hash(self, hash: str, exclude_job: str | None = None) -> Trial | None:
+        """The most recently finished trial (state "finished", not "reused") with this hash, in any job
+        but ``exclude_job``; None when there is none."""
+        q = select(Trial).where(Trial.hash == hash, Trial.state == "finished")
+        if exclude_job is not None:
+            q = q.join(Job, Job.id == Trial.job_id).where(Job.name != exclude_job)
+        with self.session() as s:
+            return s.scalars(q.order_by(Trial.updated_at.desc(), Trial.id.desc()).limit(1)).first()
+
+    def reset_trial(self, trial_id: int) -> None:
+        """Make a trial as new (``--force``): "pending", attempts and epoch 0, run fields, result,
+        reuse link and checkpoint cleared, its metrics deleted. Hash and config stay."""
+        with self.session() as s:
+            trial = s.get(Trial, trial_id)
+            if trial is None:
+                raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}")
+            _reset(trial)
+            s.execute(delete(Metric).where(Metric.trial_id == trial_id))
+
+    def update_trial(self, trial_id: int, **fields: Any) -> None:
+        """Set fields of a trial: state, attempts, epoch, node, device, wall_seconds, error, mlflow_run_id,
+        result_json (a dict is dumped), reused_from, config_json, checkpoint."""
+        unknown = set(fields) - TRIAL_FIELDS
+        if unknown:
+            raise TypeError(f"update_trial: unknown field(s) {', '.join(sorted(unknown))}")
+        if "state" in fields:
+            _check_state(fields["state"], TRIAL_STATES, "trial")
+        for key in ("result_json", "config_json"):
+            if fields.get(key) is not None:
+                fields[key] = _json(fields[key])
+        if not fields:
+            return
+        with self.session() as s:
+            n = s.execute(update(Trial).where(Trial.id == trial_id).values(**fields)
+                          .execution_options(synchronize_session=False)).rowcount
+            if n == 0:
+                raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}")
+
+    def mark_reused(self, trial_id: int, source_trial_id: int) -> None:
+        """Make a trial a reuse of another: state "reused", ``reused_from`` the source (followed to the
+        trial that actually trained when the source is itself a reuse), and the source's
+        mlflow_run_id, result_json, epoch and wall_seconds copied."""
+        with self.session() as s:
+            trial = s.get(Trial, trial_id)
+            source = s.get(Trial, source_trial_id)
+            if trial is None or source is None:
+                raise StoreError(f"no trial {trial_id if trial is None else source_trial_id} "
+                                 f"in store {display_url(self.url)}")
+            if source.state == "reused" and source.reused_from is not None:
+                source = s.get(Trial, source.reused_from) or source
+            if source.id == trial.id:
+                raise StoreError(f"trial {trial_id} cannot reuse itself")
+            trial.state = "reused"
+            trial.reused_from = source.id
+            trial.mlflow_run_id = source.mlflow_run_id
+            trial.result_json = source.result_json
+            trial.epoch = source.epoch
+            trial.wall_seconds = source.wall_seconds
+            trial.error = None
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def add_metrics(self, trial_id: int, rows: Iterable[tuple[str, int, int, float]]) -> int:
+        """Record points ``(name, step, epoch, value)`` of a trial's curves; return how many were new.
+
+        Idempotent per (trial, name, step): a point already there is kept as it is
+        (INSERT ... ON CONFLICT DO NOTHING), so re-reporting after a retry is safe.
+        Non-finite values are stored as NULL with ``is_nan`` true.
+        """
+        params = []
+        for name, step, epoch, value in rows:
+            v = None if value is None else float(value)
+            finite = v is not None and math.isfinite(v)
+            params.append({"trial_id": trial_id, "name": str(name), "step": int(step), "epoch": int(epoch),
+                           "value": v if finite else None, "is_nan": not finite})
+        if not params:
+            return 0
+        inserted = 0
+        try:
+            with self.engine.begin() as conn:
+                for start in range(0, len(params), _METRIC_BATCH):
+                    batch = params[start:start + _METRIC_BATCH]
+                    if conn.dialect.name == "postgresql":
+                        # five arrays instead of 6 x N parameters: psycopg converts a query with
+                        # thousands of placeholders slowly
+                        result = conn.execute(_PG_INSERT_METRICS, {
+                            "trial_id": trial_id, "names": [p["name"] for p in batch],
+                            "steps": [p["step"] for p in batch], "epochs": [p["epoch"] for p in batch],
+                            "vals": [p["value"] for p in batch], "nans": [p["is_nan"] for p in batch]})
+                    else:
+                        # one multi-row INSERT per batch ("insertmanyvalues")
+                        result = conn.execute(_SQLITE_INSERT_METRICS, batch)
+                    inserted += len(result.all())  # RETURNING: one row per point that was new
+        except IntegrityError as e:
+            raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}") from e
+        return inserted
+
+    def metrics_of(self, trial_id: int, name: str | None = None) -> list[tuple[str, int, int, float]]:
+        """The trial's own recorded points ``(name, step, epoch, value)`` by name then step; NaN where
+        a non-finite value was recorded. (Raw rows of this trial id: the views, ``results`` and
+        ``curves`` are the ones that follow a reused trial to its source.)"""
+        q = select(Metric.name, Metric.step, Metric.epoch, Metric.value, Metric.is_nan).where(
+            Metric.trial_id == trial_id)
+        if name is not None:
+            q = q.where(Metric.name == name)
+        with self.session() as s:
+            rows = s.execute(q.order_by(Metric.name, Metric.step)).all()
+        return [(n, st, ep, math.nan if is_nan or v is None else float(v)) for n, st, ep, v, is_nan in rows]
+
+    def delete_metrics_after(self, trial_id: int, step: int) -> int:
+        """Drop the trial's points with a step greater than ``step``; return how many."""
+        with self.session() as s:
+            return s.execute(delete(Metric).where(Metric.trial_id == trial_id, Metric.step > step)
+                             .execution_options(synchronize_session=False)).rowcount
+
+    # --- results ------------------------------------------------------------------------------
+
+    def _frame(self, sql: str, params: dict[str, Any], *, floats: Sequence[str] = (),
+               bools: Sequence[str] = (), expanding: Sequence[str] = ()) -> "pandas.DataFrame":
+        import pandas as pd
+
+        stmt = text(sql)
+        if expanding:
+            stmt = stmt.bindparams(*(bindparam(k, expanding=True) for k in expanding))
+        with self.engine.connect() as conn:
+            result = conn.execute(stmt, params)
+            columns = list(result.keys())
+            rows = result.all()
+        df = pd.DataFrame.from_records([tuple(r) for r in rows], columns=columns)
+        for col in floats:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+        for col in bools:
+            df[col] = df[col].astype(bool)
+        return df
+
+    def _require_job(self, job_name: str) -> None:
+        with self.session() as s:
+            self._job(s, job_name)
+
+    def results(self, job_name: str) -> "pandas.DataFrame":
+        """The job's rows of the ``trial_results`` view (final COCO numbers per trial; NaN where a
+        trial has none), in variant creation order, then seed."""
+        self._require_job(job_name)
+        return self._frame(
+            "SELECT r.* FROM trial_results r JOIN trials t ON t.id = r.trial_id "
+            "WHERE r.job = :job ORDER BY t.variant_id, r.seed",
+            {"job": job_name}, floats=("wall_seconds", *COCO_METRICS))
+
+    def curves(self, job_name: str, names: list[str] | None = None) -> "pandas.DataFrame":
+        """The job's rows of the ``metric_curves`` view (all curves, or those in ``names``), in variant
+        creation order, then seed, name and step; value is NaN where it was not finite."""
+        self._require_job(job_name)
+        sql = ("SELECT c.* FROM metric_curves c JOIN trials t ON t.id = c.trial_id WHERE c.job = :job"
+               + (" AND c.name IN :names" if names is not None else "")
+               + " ORDER BY t.variant_id, c.seed, c.name, c.step")
+        params: dict[str, Any] = {"job": job_name}
+        if names is not None:
+            params["names"] = list(names)
+        return self._frame(sql, params, floats=("value",), bools=("is_nan",),
+                           expanding=("names",) if names is not None else ())
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one read-only SELECT; return its column names and rows.
+
+        Anything else is refused with a one-line StoreError and the store is left
+        untouched: the statement is checked first (one SELECT / WITH, no
+        data-modifying word or side-effecting function), then runs on a read-only
+        connection (SQLite ``PRAGMA query_only``; PostgreSQL a READ ONLY
+        transaction that is rolled back).
+        """
+        dialect = self.engine.dialect.name
+        try:
+            statement = check_select(sql, dialect)
+        except QueryRefused as e:
+            raise StoreError(f"query refused: {e}") from None
+        try:
+            with self._read_only_connection() as conn:
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute(statement)  # no parameters: the driver parses no placeholders
+                    if cursor.description is None:
+                        raise StoreError("query refused: it returns no rows")
+                    columns = [d[0] for d in cursor.description]
+                    rows = [tuple(r) for r in cursor.fetchall()]
+                finally:
+                    cursor.close()
+        except StoreError:
+            raise
+        except Exception as e:  # the driver's error for a bad query: one line
+            raise StoreError(f"query failed: {_one_line(e)}") from None
+        return columns, rows
+
+    @contextmanager
+    def _read_only_connection(self) -> Iterator[Connection]:
+        """A connection that cannot write, its transaction rolled back at the end.
+
+        SQLite file: a fresh, unpooled connection with ``PRAGMA query_only`` (whatever
+        the query does to the connection dies with it). SQLite in memory: the pooled
+        connection, query-only for the duration. PostgreSQL: a READ ONLY transaction,
+        rolled back (which also undoes any setting the query changed).
+        """
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                try:
+                    yield conn
+                finally:
+                    conn.rollback()
+            return
+        if _sqlite_file(self.engine.url) is not None:
+            if self._reader is None:
+                self._reader = make_engine(self.url, poolclass=NullPool)
+                event.listen(self._reader, "connect", _query_only)
+            with self._reader.connect() as conn:
+                try:
+                    yield conn
+                finally:
+                    conn.rollback()
+            return
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA query_only = ON")
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+                try:
+                    conn.exec_driver_sql("PRAGMA query_only = OFF")
+                except Exception:
+                    conn.invalidate()  # never hand a query-only connection back to the pool
+                    raise
+
+
+def _query_only(dbapi_connection: Any, _record: Any) -> None:
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute("PRAGMA query_only = ON")
+    finally:
+        cur.close()
+
+
+def open_store(url: str = DEFAULT_URL, create: bool = True) -> Store:
+    """Open the results store at ``url`` (SQLite file or PostgreSQL URL).
+
+    An empty database gets the schema when ``create`` (the default). A store at
+    an older or unknown schema revision, or with ablate's table names but no
+    revision, is refused with a one-line StoreError saying what to do.
+    """
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            status = schema_status(conn, url)
+        if status.state != "current":
+            if not (status.state == "empty" and create):
+                raise StoreError(status.message or f"store {display_url(url)}: unusable schema")
+            upgrade_engine(engine, url)
+    except StoreError:
+        engine.dispose()
+        raise
+    except SQLAlchemyError as e:
+        engine.dispose()
+        raise StoreError(f"cannot open store {display_url(url)}: {_one_line(e)}") from e
+    return Store(url, engine)

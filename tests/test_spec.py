@@ -320,7 +320,7 @@ def test_missing_coco_path_names_the_field(tmp_path):
 
 # --------------------------------------------------------------------------- the shipped jobs
 SHIPPED = {  # file -> (variants, trials, baseline)
-    "quickstart.yaml": (2, 4, "mse"),
+    "quickstart.yaml": (2, 4, "yolov3"),
     "box_losses.yaml": (5, 15, "mse"),
     "assigner_thresholds.yaml": (10, 30, "best_anchor_ignore_0.7+lambda_noobj=1.0"),
     "cls_losses.yaml": (8, 24, "dense+focal_gamma=0,focal_alpha=none"),
@@ -345,7 +345,7 @@ def test_shipped_jobs_load_and_expand(name):
 
 def test_shipped_jobs_say_what_they_claim():
     q = load_job_spec(JOBS / "quickstart.yaml")
-    assert [t.config.loss_recipe().box_loss for t in q.trials()] == ["mse", "mse", "ciou", "ciou"]
+    assert [t.config.loss_recipe() for t in q.trials()] == [preset("yolov3")] * 2 + [preset("scaled_yolov4")] * 2
     assert q.dataset.hue == 0.0 and q.max_concurrent == 2 and q.resources.cpus == 1
     s = load_job_spec(JOBS / "seed_systems.yaml")
     assert [t.config.loss_recipe() for t in s.trials()[::3]] == [preset(n) for n in s.variant_names()]

@@ -17,6 +17,8 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/ablate submit jobs/quickstart.yaml
+	$(BIN)/ablate report quickstart -o report.html
+	@echo "Report:      $(CURDIR)/report.html"
 	@echo "MLflow UI:   $(BIN)/ablate ui quickstart      (http://127.0.0.1:5000)"
 	@echo "SQL:         $(BIN)/ablate query \"select variant, seed, AP, AP50 from trial_results where job = 'quickstart'\""
 

@@ -35,10 +35,12 @@ def _open(store: Optional[str], create: bool = True):
 
 
 def _job_or_fail(st, job: str):
+    from .store import display_url
+
     row = st.get_job(job)
     if row is None:
         names = [j["name"] for j in st.list_jobs()]
-        fail(f"no job named {job!r} in {st.url}" + (f"; jobs: {', '.join(names)}" if names else " (it holds no jobs)"))
+        fail(f"no job named {job!r} in {display_url(st.url)}" + (f"; jobs: {', '.join(names)}" if names else " (it holds no jobs)"))
     return row
 
 
@@ -69,7 +71,9 @@ def _run(spec, text: str, *, address, force, resume, workdir):
     if outcome.state in ("finished", "failed"):
         _print_results(_open(spec.store), spec.name, "AP", "table")
     if outcome.state == "interrupted":
-        err.print(f"continue with: ablate resume {spec.name} --store {spec.store}", highlight=False)
+        from .store import display_url
+
+        err.print(f"continue with: ablate resume {spec.name} --store '{display_url(spec.store)}'", highlight=False)
     if outcome.state not in ("finished",):
         raise typer.Exit(1)
 
@@ -79,7 +83,8 @@ def submit_cmd(
     job_file: Path = typer.Argument(..., metavar="JOB.yaml", help="The job spec (see jobs/)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded trials and exit."),
     tracking: Optional[str] = typer.Option(None, "--tracking", help="MLflow tracking URI (overrides the file)."),
-    store: Optional[str] = typer.Option(None, "--store", help="Results store URL (overrides the file)."),
+    store: Optional[str] = typer.Option(None, "--store", envvar="ABLATE_STORE",
+                                        help="Results store URL (overrides the file; also $ABLATE_STORE)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)."),
     force: bool = typer.Option(False, "--force", help="Retrain trials that already finished (here or in another job)."),
     workdir: Path = typer.Option(Path("runs"), "--workdir", help="Checkpoints and Ray's experiment folder (shared by all nodes)."),
@@ -96,8 +101,10 @@ def submit_cmd(
             table.add_row(t.variant, str(t.seed), t.hash, t.config.preset,
                           ", ".join(f"{k}={v}" for k, v in t.overrides.items()) or "-")
         console.print(table)
+        from .store import display_url
+
         err.print(f"resources per trial: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU; "
-                  f"tracking {spec.tracking.uri}; store {spec.store}", highlight=False)
+                  f"tracking {display_url(spec.tracking.uri)}; store {display_url(spec.store)}", highlight=False)
         return
     _run(spec, job_file.read_text(), address=address, force=force, resume=False, workdir=workdir)
 
@@ -112,14 +119,20 @@ def resume_cmd(
     """Continue an interrupted job: finished trials are kept, interrupted ones continue from their checkpoint."""
     import tempfile
 
-    st = _open(store)
+    st = _open(store, create=False)
     row = _job_or_fail(st, job)
     if row.state == "cancelled":
         fail(f"job {job!r} was cancelled; submit it again to run it")
+    from .spec import SpecError, load_job_spec
+
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"{job}.yaml"
         path.write_text(row.spec_yaml)
-        spec = _load_spec(path, row.tracking_uri, st.url)
+        try:
+            spec = load_job_spec(path, tracking_uri=row.tracking_uri, store=st.url)
+        except SpecError as e:
+            fail(f"job {job}'s stored spec no longer validates with this ablate ({str(e).removeprefix(str(path) + ': ')}); "
+                 f"submit a corrected file under a new name")
     _run(spec, row.spec_yaml, address=address, force=False, resume=True, workdir=workdir)
 
 
@@ -129,15 +142,18 @@ def cancel_cmd(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
 ) -> None:
     """Cancel a job: a running driver stops its trials; pending trials are marked cancelled."""
-    st = _open(store)
+    from .runner import driver_alive
+
+    st = _open(store, create=False)
     row = _job_or_fail(st, job)
     if row.state in ("finished", "cancelled"):
         err.print(f"job {job} is already {row.state}")
         return
+    live = driver_alive(row)
     st.set_job(job, state="cancelled")
     n = 0
     for t in st.trials_of(job):
-        if t.state == "pending":
+        if t.state == "pending" or (t.state == "running" and not live):  # no driver: nobody else will
             st.update_trial(t.id, state="cancelled")
             n += 1
     err.print(f"job {job} cancelled ({n} pending trial(s) will not run; a running driver stops within seconds)")
@@ -149,13 +165,13 @@ def status_cmd(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
 ) -> None:
     """The jobs in the store, or one job's trials (state, epoch, attempts, node, wall time)."""
-    st = _open(store)
+    st = _open(store, create=False)
     if job is None:
         table = Table(title=f"jobs in {st.url}")
         for col in ("job", "state", "created", "trials"):
             table.add_column(col)
         for j in st.list_jobs():
-            counts = j.get("counts") or {}
+            counts = j.get("trials") or {}
             table.add_row(j["name"], j["state"], str(j["created_at"])[:19],
                           ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
         console.print(table)
@@ -164,9 +180,8 @@ def status_cmd(
     table = Table(title=f"job {job}: {row.state}")
     for col in ("variant", "seed", "state", "epoch", "attempts", "node", "wall s", "hash", "error"):
         table.add_column(col)
-    variants = {v.id: v.name for v in st.variants_of(job)} if hasattr(st, "variants_of") else {}
     for t in st.trials_of(job):
-        table.add_row(variants.get(t.variant_id, str(t.variant_id)), str(t.seed), t.state, str(t.epoch),
+        table.add_row(t.variant_name, str(t.seed), t.state, str(t.epoch),
                       str(t.attempts), t.node or "", "" if t.wall_seconds is None else f"{t.wall_seconds:.0f}",
                       t.hash, (t.error or "")[:60])
     console.print(table)

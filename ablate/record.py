@@ -21,6 +21,8 @@ trial (read from the store when the recorder starts).
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -55,6 +57,24 @@ def event_metrics(event: dict[str, Any]) -> list[tuple[str, int, int, float]]:
         for cls, ap in (event.get("per_class_AP") or {}).items():
             rows.append((f"eval/AP/{cls}", step, epoch, float("nan") if ap is None else float(ap)))
     return rows
+
+
+def mlflow_key(name: str) -> str:
+    """A metric name MLflow accepts (letters, digits, ``_ - . / :`` and spaces); the store keeps the raw one."""
+    return re.sub(r"[^\w\-. /:]", "_", name)
+
+
+def json_ready(x: Any) -> Any:
+    """``x`` with every non-finite float as ``None`` (strict JSON), recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    return str(x)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -100,11 +120,23 @@ class Recorder:
 
     # ------------------------------------------------------------------ job
     def register(self, trials: list[Trial]) -> None:
-        """Store the job, its variants and trials (idempotent); open MLflow's experiment."""
+        """Open MLflow's experiment (first: a bad tracking URI must fail before the store is
+        touched), then store the job, its variants and trials (idempotent)."""
         spec = self.spec
+        if self.use_mlflow:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=spec.tracking.uri)
+            name = spec.experiment_name
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.store.create_or_get_job(spec.name, description=spec.description, spec_yaml=self.spec_yaml,
-                                     spec_json=spec.model_dump_json(), baseline=spec.baseline or spec.variant_names()[0],
+                                     spec_json=spec.model_dump_json(), baseline=spec.baseline_variant,
                                      tracking_uri=spec.tracking.uri)
+        if self.experiment_id is not None:
+            self.store.set_job(spec.name, mlflow_experiment_id=self.experiment_id)
         rows = self.store.ensure_trials(spec.name, [
             {"variant": t.variant, "overrides": t.overrides, "seed": t.seed, "hash": t.hash,
              "config": t.config.resolved()} for t in trials])
@@ -114,21 +146,13 @@ class Recorder:
                 steps = [s for _, s, _, _ in self.store.metrics_of(row.id)]
                 state.mlflow_step = max(steps, default=-1)
             self.trials[t.key] = state
-        if self.use_mlflow:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=spec.tracking.uri)
-            name = spec.tracking.experiment or spec.name
-            exp = self.client.get_experiment_by_name(name)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
-            self.store.set_job(spec.name, mlflow_experiment_id=self.experiment_id)
 
     def start(self, resumed: bool = False) -> None:
         """Open this submission's parent run and mark the job running."""
         job = self.store.get_job(self.spec.name)
         if self.client is not None:
             tags = {"ablate.job": self.spec.name, "ablate.version": __version__, "ablate.kind": "job"}
-            if resumed and job and job.mlflow_parent_run_id:
+            if resumed and job and job.mlflow_parent_run_id and job.state in ("running", "interrupted"):
                 tags["ablate.resumed_from"] = job.mlflow_parent_run_id
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.spec.name)
             self.parent_run_id = run.info.run_id
@@ -174,13 +198,13 @@ class Recorder:
         run = self.client.create_run(self.experiment_id, tags={k: v for k, v in tags.items() if v is not None},
                                      run_name=t.key)
         st.run_id = run.info.run_id
+        self.store.update_trial(st.store_id, mlflow_run_id=st.run_id)  # at once: never a second run
         params = flatten(t.config.resolved())
         params.pop("name", None)
         params["variant"] = t.variant
         params["overrides"] = json.dumps(t.overrides, sort_keys=True) or "{}"
         self._log_params(st.run_id, params)
         self.client.log_dict(st.run_id, t.config.resolved(), "config.json")
-        self.store.update_trial(st.store_id, mlflow_run_id=st.run_id)
         return st.run_id
 
     def trial_started(self, key: str, attempt: int, node: Optional[str] = None, device: Optional[str] = None) -> None:
@@ -220,7 +244,7 @@ class Recorder:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for name, step, _, value in new]
+        metrics = [Metric(mlflow_key(name), value, now, step) for name, step, _, value in new]
         metrics += [Metric("epoch", float(ep), now, step) for step, ep in sorted({(r[1], r[2]) for r in new})]
         for i in range(0, len(metrics), _MLFLOW_BATCH):
             self.client.log_batch(st.run_id, metrics=metrics[i:i + _MLFLOW_BATCH])
@@ -234,7 +258,7 @@ class Recorder:
         st = self.trials[key]
         status = result.get("status", "finished")
         state = {"finished": "finished", "diverged": "diverged"}.get(status, "pending")
-        clean = json.loads(json.dumps(result, default=str).replace("NaN", "null"))
+        clean = json_ready(result)
         error = None
         if status == "diverged":
             d = result.get("diverged_at", {})

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +37,8 @@ from ray import tune
 
 from .spec import JobSpec, Trial
 
+#: Seconds between two heartbeats of a running driver (``jobs.updated_at``).
+HEARTBEAT_EVERY_S = 5.0
 #: Trial states in which nothing is left to run.
 DONE_STATES = ("finished", "diverged", "reused")
 
@@ -190,18 +193,39 @@ class _CancelStopper(_Unpicklable, tune.Stopper):
     def __init__(self, store, job: str, poll_s: float = 2.0):
         self.store, self.job, self.poll_s = store, job, poll_s
         self._last = 0.0
+        self._beat = 0.0
         self.cancelled = False
 
     def __call__(self, trial_id, result):
         return self.cancelled
 
     def stop_all(self):
+        """Polled by Tune every step: reads the job's state and writes the driver's heartbeat."""
         now = time.monotonic()
         if not self.cancelled and now - self._last >= self.poll_s:
             self._last = now
-            job_row = self.store.get_job(self.job)
-            self.cancelled = bool(job_row and job_row.state == "cancelled")
+            try:
+                job_row = self.store.get_job(self.job)
+                self.cancelled = bool(job_row and job_row.state == "cancelled")
+                if not self.cancelled and now - self._beat >= HEARTBEAT_EVERY_S:
+                    self._beat = now
+                    self.store.set_job(self.job, updated_at=datetime.now(timezone.utc))
+            except Exception:  # a transient store error must not end the job; the next poll retries
+                pass
         return self.cancelled
+
+
+def _check_capacity(spec: JobSpec) -> None:
+    """Refuse a per-trial request that no node of the cluster can hold (Tune would wait forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    r = spec.resources
+    if r.cpus > cpu or r.gpus > gpu:
+        raise JobError(f"resources: a trial asks for {r.cpus:g} CPU and {r.gpus:g} GPU, but the largest node of this "
+                       f"Ray cluster has {cpu:g} CPU and {gpu:g} GPU")
 
 
 def _absolute_paths(trial: Trial) -> str:
@@ -228,6 +252,7 @@ def _prepare_data(spec: JobSpec, say) -> None:
 
 
 def _table(spec: JobSpec, rows: dict[str, _Row], started: float):
+    from rich.markup import escape
     from rich.table import Table
 
     done = sum(r.state in ("finished", "diverged", "reused", "failed") for r in rows.values())
@@ -240,7 +265,7 @@ def _table(spec: JobSpec, rows: dict[str, _Row], started: float):
     for key, r in rows.items():
         total = r.trial.config.train.epochs
         table.add_row(key, f"[{color.get(r.state, 'white')}]{r.state}[/]", f"{r.epoch}/{total}",
-                      "" if r.ap is None else f"{r.ap:.3f}", r.node, str(r.attempts or ""), r.note)
+                      "" if r.ap is None else f"{r.ap:.3f}", r.node, str(r.attempts or ""), escape(r.note))
     return table
 
 
@@ -263,24 +288,85 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
             once, during epoch ``k + 1``.
     """
     from rich.console import Console
-    from rich.live import Live
 
     from .record import Recorder
-    from .store import open_store
+    from .store import StoreError, display_url, open_store
 
     console = console or Console(stderr=True)
-    say = lambda m: console.print(m, highlight=False)  # noqa: E731
     started = time.time()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        raise JobError(f"--address {address}: Ray Client cannot run the driver-side recorder; run the driver on the "
+                       f"cluster instead (`ray job submit -- ablate submit JOB.yaml`) or give the GCS address (host:6379)")
     store = open_store(spec.store)
+    where = display_url(spec.store)
     existing = store.get_job(spec.name)
     if resume and existing is None:
-        raise JobError(f"no job named {spec.name!r} in the store {spec.store}")
-    if existing is not None and existing.state == "running" and not resume:
-        raise JobError(f"job {spec.name!r} is marked running in {spec.store}; if its driver is gone, "
-                       f"continue it with `ablate resume {spec.name}` (or cancel it with `ablate cancel {spec.name}`)")
+        raise JobError(f"no job named {spec.name!r} in the store {where}")
+    if existing is not None and existing.state == "running":
+        age = time.time() - existing.updated_at.timestamp()
+        if age < heartbeat_stale_s():
+            raise JobError(f"job {spec.name!r} has a live driver (last heartbeat {age:.0f} s ago); "
+                           f"wait for it or `ablate cancel {spec.name}`")
+        if not resume:
+            raise JobError(f"job {spec.name!r} was interrupted (its driver is gone); continue it with "
+                           f"`ablate resume {spec.name}` or stop it with `ablate cancel {spec.name}`")
     trials = spec.trials()
+    if existing is not None:
+        _refuse_changed_spec(store, spec, trials, force=force and not resume, where=where)
     recorder = Recorder(spec, store, spec_yaml, mlflow=mlflow)
-    recorder.register(trials)
+    try:
+        recorder.register(trials)
+    except StoreError:
+        raise
+    except Exception as e:  # an unusable MLflow URI or server: nothing is in the store yet
+        raise JobError(f"tracking: cannot use MLflow at {display_url(spec.tracking.uri)}: {_first_line(e)}") from None
+    try:
+        return _run_registered(spec, store, recorder, trials, existing, address=address, force=force,
+                               workdir=workdir, live=live, fault=fault, console=console, started=started)
+    except BaseException as e:
+        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        try:
+            recorder.finish(state)
+        except Exception:  # best effort: the store or MLflow may be what failed
+            pass
+        if isinstance(e, (KeyboardInterrupt, JobError)):
+            raise
+        raise JobError(f"job {spec.name} {state}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def heartbeat_stale_s() -> float:
+    """Seconds without a heartbeat after which a running job's driver is taken as gone
+    (``ABLATE_HEARTBEAT_STALE_S``, default 30: six missed heartbeats)."""
+    return float(os.environ.get("ABLATE_HEARTBEAT_STALE_S", "30"))
+
+
+def driver_alive(job) -> bool:
+    """Whether ``job`` (a store row) is running with a recent heartbeat from its driver."""
+    return job.state == "running" and time.time() - job.updated_at.timestamp() < heartbeat_stale_s()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _refuse_changed_spec(store, spec: JobSpec, trials: list[Trial], force: bool, where: str) -> None:
+    """A job name reused with another spec must not silently discard finished trials."""
+    stored = {(t.variant_name, t.seed): t for t in store.trials_of(spec.name)}
+    changed = [t.key for t in trials if (t.variant, t.seed) in stored
+               and stored[(t.variant, t.seed)].hash != t.hash and stored[(t.variant, t.seed)].state != "pending"]
+    if changed and not force:
+        raise JobError(f"job {spec.name!r} exists in {where} with a different spec: {len(changed)} recorded trial(s) "
+                       f"would be discarded (e.g. {changed[0]}); give the job another name, or pass --force")
+
+
+def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existing, *, address, force, workdir, live,
+                    fault, console, started) -> Outcome:
+    from rich.live import Live
+
+    say = lambda m: console.print(m, highlight=False)  # noqa: E731
+    was_cancelled = existing is not None and existing.state == "cancelled"
     if existing is not None and existing.state in ("running", "interrupted") and existing.mlflow_parent_run_id \
             and recorder.client is not None:
         recorder.client.set_tag(existing.mlflow_parent_run_id, "ablate.state", "interrupted")
@@ -293,11 +379,13 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
     for t in trials:
         st = recorder.trials[t.key]
         row = store.get_trial(st.store_id)
-        rows[t.key].attempts = row.attempts or 0
         if force and row.state in DONE_STATES + ("failed", "cancelled"):
+            if st.run_id and recorder.client is not None:  # the old run stays, marked as replaced
+                recorder.client.set_tag(st.run_id, "ablate.superseded", "true")
             store.reset_trial(st.store_id)
             st.run_id, st.mlflow_step = None, -1
             row = store.get_trial(st.store_id)
+        rows[t.key].attempts = row.attempts or 0
         if row.state in DONE_STATES:
             rows[t.key].state, rows[t.key].epoch = row.state, row.epoch or 0
             outcome.skipped.append(t.key)
@@ -319,8 +407,12 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
         return outcome
 
     _prepare_data(spec, say)
-    recorder.start(resumed=existing is not None)
-    outcome.trained = [t.key for t in to_run]
+    if not was_cancelled and store.get_job(spec.name).state == "cancelled":  # `ablate cancel` while we prepared
+        for t in to_run:
+            recorder.trial_cancelled(t.key)
+        outcome.state = "cancelled"
+        outcome.states = {k: ("cancelled" if k in {t.key for t in to_run} else r.state) for k, r in rows.items()}
+        return outcome
 
     import ray
 
@@ -331,62 +423,66 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
 
     for name in ("ray.tune", "ray.train"):  # Tune's own reporting: the live table and the recorder replace it
         logging.getLogger(name).setLevel(logging.ERROR)
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # the recorder keeps each failure's last line
+
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-
-    threads = max(1, int(spec.resources.cpus))
-    payload = {}
-    for t in to_run:
-        cfg_json = _absolute_paths(t)
-        if t.config.threads is None:
-            from .config import TrialConfig
-
-            cfg_json = TrialConfig.model_validate_json(cfg_json).model_copy(update={"threads": threads}).model_dump_json()
-        payload[t.key] = {"config": cfg_json, "resume_from": resume_from.get(t.key)}
-
-    storage = (Path(workdir) / spec.name).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, trials=payload, fault=fault), resources)
-    stopper = _CancelStopper(store, spec.name)
-    lock = threading.Lock()
-    live_view = Live(_table(spec, rows, started), console=console, refresh_per_second=2, transient=False) \
-        if live else None
-
-    def update() -> None:
-        if live_view is not None:
-            with lock:
-                live_view.update(_table(spec, rows, started))
-
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search([t.key for t in to_run])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=False),
-        run_config=tune.RunConfig(
-            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(storage),
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_RecorderCallback(recorder, rows, update)],
-            stop=stopper,
-            verbose=0,
-        ),
-    )
-    say(f"job {spec.name}: {len(to_run)} trial(s) to train on Ray"
-        f" ({spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU each"
-        f"{f', at most {spec.max_concurrent} at once' if spec.max_concurrent else ''});"
-        f" {len(outcome.skipped)} already done, {len(outcome.reused)} reused")
-    interrupted = False
     try:
-        if live_view is not None:
-            with live_view:
+        _check_capacity(spec)
+        recorder.start(resumed=existing is not None)
+        outcome.trained = [t.key for t in to_run]
+        threads = max(1, int(spec.resources.cpus))
+        payload = {}
+        for t in to_run:
+            cfg_json = _absolute_paths(t)
+            if t.config.threads is None:
+                from .config import TrialConfig
+
+                cfg_json = TrialConfig.model_validate_json(cfg_json).model_copy(update={"threads": threads}).model_dump_json()
+            payload[t.key] = {"config": cfg_json, "resume_from": resume_from.get(t.key)}
+
+        storage = (Path(workdir) / spec.name).resolve()
+        storage.mkdir(parents=True, exist_ok=True)
+        resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+        trainable = tune.with_resources(tune.with_parameters(_trainable, trials=payload, fault=fault), resources)
+        stopper = _CancelStopper(store, spec.name)
+        lock = threading.Lock()
+        live_view = Live(_table(spec, rows, started), console=console, refresh_per_second=2, transient=False) \
+            if live else None
+
+        def update() -> None:
+            if live_view is not None:
+                with lock:
+                    live_view.update(_table(spec, rows, started))
+
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.key for t in to_run])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_RecorderCallback(recorder, rows, update)],
+                stop=stopper,
+                verbose=0,
+            ),
+        )
+        say(f"job {spec.name}: {len(to_run)} trial(s) to train on Ray"
+            f" ({spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU each"
+            f"{f', at most {spec.max_concurrent} at once' if spec.max_concurrent else ''});"
+            f" {len(outcome.skipped)} already done, {len(outcome.reused)} reused")
+        interrupted = False
+        try:
+            if live_view is not None:
+                with live_view:
+                    tuner.fit()
+            else:
                 tuner.fit()
-        else:
-            tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
+        except KeyboardInterrupt:
+            interrupted = True
     finally:
         if own_ray:
             ray.shutdown()

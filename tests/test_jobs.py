@@ -168,7 +168,7 @@ def test_resubmitting_a_finished_job_trains_nothing_and_hashes_are_reused(tmp_pa
     assert len(children) == 1
 
 
-def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
+def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, monkeypatch):
     path = job_yaml(tmp_path, name="interrupted", epochs=8, seeds=(0,),
                     variants={"mse": {"recipe.box_loss": "mse"}, "ciou": {"recipe.box_loss": "ciou"}},
                     max_concurrent=1)
@@ -192,6 +192,11 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
         proc.wait()
     store = open_store(spec.store)
     assert store.get_job(spec.name).state == "running"  # nobody could record the interruption
+    # a fresh heartbeat means a live driver: resume refuses until it is stale
+    early = CliRunner().invoke(app, ["resume", spec.name, "--store", spec.store, "--workdir", str(tmp_path / "runs")])
+    assert early.exit_code == 2 and "live driver" in early.output, early.output
+    monkeypatch.setenv("ABLATE_HEARTBEAT_STALE_S", "1")
+    time.sleep(1.5)
     result = CliRunner().invoke(app, ["resume", spec.name, "--store", spec.store, "--workdir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     trials = store.trials_of(spec.name)
@@ -219,7 +224,7 @@ def test_cli_submit_dry_run_and_results_and_read_only_query(tmp_path, ray_local)
     res = runner.invoke(app, ["results", "cli", "--format", "csv", *store])
     assert res.exit_code == 0, res.output
     header, *lines = res.output.strip().splitlines()
-    assert header.startswith("variant,seeds") and len(lines) == 2
+    assert header.startswith("variant,is_baseline,seeds,pairs") and len(lines) == 2
     md = runner.invoke(app, ["results", "cli", "--format", "markdown", *store])
     assert "| mse (baseline) |" in md.output
     before = runner.invoke(app, ["query", "select count(*) from metrics", "--format", "csv", *store]).output

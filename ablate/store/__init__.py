@@ -13,7 +13,7 @@ The schema comes from the Alembic migrations in ``ablate/store/migrations``;
 ablate's revision. The views are documented in ``dashboards/views.sql``.
 """
 
-from .db import DEFAULT_URL, SCHEMA_REVISION, VERSION_TABLE, StoreError, make_engine, upgrade
+from .db import DEFAULT_URL, SCHEMA_REVISION, VERSION_TABLE, StoreError, display_url, make_engine, upgrade
 from .models import JOB_STATES, TRIAL_STATES, Base, Job, Metric, Trial, Variant
 from .store import COCO_METRICS, Store, open_store
 
@@ -31,6 +31,7 @@ __all__ = [
     "StoreError",
     "Trial",
     "Variant",
+    "display_url",
     "make_engine",
     "open_store",
     "upgrade",

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 JOB_FIELDS = frozenset({"state", "mlflow_experiment_id", "mlflow_parent_run_id", "description", "spec_yaml",
-                        "spec_json", "baseline", "tracking_uri"})
+                        "spec_json", "baseline", "tracking_uri", "updated_at"})
 TRIAL_FIELDS = frozenset({"state", "attempts", "epoch", "node", "device", "wall_seconds", "error", "mlflow_run_id",
                           "result_json", "reused_from", "config_json", "checkpoint"})
 _METRIC_BATCH = 1000  # rows per INSERT (6 parameters a row: far under SQLite's 32766)
@@ -245,6 +245,9 @@ class Store:
                 raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}")
             _reset(trial)
             s.execute(delete(Metric).where(Metric.trial_id == trial_id))
+            # trials of other jobs that reused this one lose their source: they must train again
+            for dependent in s.scalars(select(Trial).where(Trial.reused_from == trial_id)):
+                _reset(dependent)
 
     def update_trial(self, trial_id: int, **fields: Any) -> None:
         """Set fields of a trial: state, attempts, epoch, node, device, wall_seconds, error, mlflow_run_id,

@@ -72,6 +72,12 @@ def _child_runs(tracking_uri: str, job: str):
     return client, parents, children
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """MLflow puts artifacts under ./mlruns: keep every test's side effects in its own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def ray_local():
     import ray

@@ -297,6 +297,12 @@ def test_cli_writes_the_file_creating_folders_and_fails_in_one_line(tmp_path):
 PG_ADMIN_URL = os.environ.get("ABLATE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """MLflow puts artifacts under ./mlruns: keep every test's side effects in its own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
     """An empty store database: a SQLite file, or a fresh schema in the PostgreSQL test database."""

@@ -94,7 +94,7 @@ def submit_cmd(
     trials = spec.trials()
     if dry_run:
         table = Table(title=f"job {spec.name}: {len(trials)} trials ({len(spec.variant_names())} variants x "
-                            f"{len(spec.seeds)} seeds), baseline {spec.baseline or spec.variant_names()[0]}")
+                            f"{len(spec.seeds)} seeds), baseline {spec.baseline_variant}")
         for col in ("variant", "seed", "hash", "preset", "overrides"):
             table.add_column(col)
         for t in trials:

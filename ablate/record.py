@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from . import __version__
@@ -95,7 +95,6 @@ class _TrialState:
     store_id: int
     run_id: Optional[str] = None
     mlflow_step: int = -1  # highest step MLflow holds for this trial
-    pending: list = field(default_factory=list)
 
 
 class Recorder:
@@ -159,7 +158,7 @@ class Recorder:
             self.client.log_text(self.parent_run_id, self.spec_yaml, "job.yaml")
             self._log_params(self.parent_run_id, {
                 "job.variants": ",".join(self.spec.variant_names()), "job.seeds": json.dumps(self.spec.seeds),
-                "job.baseline": self.spec.baseline or self.spec.variant_names()[0]})
+                "job.baseline": self.spec.baseline_variant})
         self.store.set_job(self.spec.name, state="running", mlflow_parent_run_id=self.parent_run_id)
 
     def finish(self, state: str) -> None:

@@ -7,8 +7,7 @@ store; nothing reads MLflow, the dataset or the run folders. The numbers are tho
 :func:`ablate.stats.curve_bands`, both over the trials that count (``stats.COUNTED``):
 diverged, failed and unfinished trials are listed, never averaged.
 
-The page loads nothing: the styles are inline (:data:`TEMPLATE`, the same text as
-``dashboards/template.html``), the plots are inline SVG drawn with matplotlib's SVG backend
+The page loads nothing: the styles are inline (``ablate/templates/report.html``), the plots are inline SVG drawn with matplotlib's SVG backend
 (text kept as text, element ids made unique per plot), there is no script, and a
 Content-Security-Policy forbids every fetch. The only outside addresses are the links to the
 MLflow runs. Every text that comes from a user (description, spec, variant and class names,
@@ -28,6 +27,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from importlib import resources
 from string import Template
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 from urllib.parse import quote
@@ -768,89 +768,6 @@ def render_report(data: ReportData, mlflow_ui: Optional[str] = DEFAULT_MLFLOW_UI
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the results store; "
         "the same numbers as <code>ablate results</code>.</footer>",
     ])
-    return Template(TEMPLATE).substitute(title=_e(f"ablate report: {data.job.name}"), version=_e(__version__),
+    template = (resources.files("ablate") / "templates" / "report.html").read_text(encoding="utf-8")
+    return Template(template).substitute(title=_e(f"ablate report: {data.job.name}"), version=_e(__version__),
                                          body=body)
-
-
-#: The page: ``dashboards/template.html`` verbatim (a test keeps the two identical).
-TEMPLATE = """\
-<!DOCTYPE html>
-<!-- ablate report page. ablate/report.py holds this same text as TEMPLATE (a test keeps the two
-     identical); string.Template fills in its three placeholders: title, version, body. The page
-     loads nothing: styles are here, plots are inline SVG, and the policy below forbids every
-     fetch (scripts, styles, images, fonts, frames) except inline styles and data: images. -->
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
-<meta name="generator" content="ablate ${version}">
-<title>${title}</title>
-<link rel="icon" href="data:,">
-<style>
-:root {
-  --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --soft: #f6f8fa; --accent: #0969da;
-  --good: #1a7f37; --bad: #cf222e; --warn-bg: #fff8c5; --warn-line: #d4a72c;
-}
-* { box-sizing: border-box; }
-html { font-size: 15px; }
-body {
-  margin: 0; color: var(--fg); background: #fff; line-height: 1.5;
-  font-family: system-ui, -apple-system, "Segoe UI", "Noto Sans", "DejaVu Sans", Helvetica, Arial, sans-serif;
-}
-main { max-width: 80rem; margin: 0 auto; padding: 1.5rem 1.25rem 4rem; }
-h1 { font-size: 1.7rem; margin: 0 0 .25rem; }
-h2 { font-size: 1.3rem; margin: 2.5rem 0 .5rem; padding-bottom: .3rem; border-bottom: 1px solid var(--line); }
-h3 { font-size: 1.05rem; margin: 1.5rem 0 .4rem; }
-p, ul { margin: .4rem 0 .8rem; }
-a { color: var(--accent); }
-code, pre, .mono {
-  font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: .88em;
-}
-.muted, .caption, figcaption { color: var(--muted); }
-.caption, figcaption { font-size: .9rem; }
-.description { font-size: 1.05rem; white-space: pre-wrap; }
-dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: .15rem 1rem; margin: .8rem 0; font-size: .92rem; }
-dl.meta dt { color: var(--muted); }
-dl.meta dd { margin: 0; overflow-wrap: anywhere; }
-nav.toc {
-  margin: 1rem 0; padding: .6rem .9rem; background: var(--soft); border: 1px solid var(--line); border-radius: 6px;
-}
-nav.toc ol { margin: 0; padding-left: 1.3rem; columns: 2; }
-.banner {
-  padding: .6rem .9rem; margin: 1rem 0; border: 1px solid var(--warn-line); background: var(--warn-bg);
-  border-radius: 6px;
-}
-.table-wrap { overflow-x: auto; margin: .5rem 0 1rem; }
-table { border-collapse: collapse; font-size: .88rem; }
-th, td { padding: .35rem .55rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-th { background: var(--soft); font-weight: 600; }
-tbody tr:nth-child(even) td { background: #fbfcfd; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td .ci { display: block; color: var(--muted); font-size: .82rem; }
-.na { color: var(--muted); }
-.badge { display: inline-block; margin-left: .35rem; padding: 0 .4rem; font-size: .75rem; border-radius: 1rem;
-         border: 1px solid var(--line); color: var(--muted); vertical-align: middle; }
-.sig { color: var(--good); font-weight: 700; }
-tr.not-counted td { color: var(--bad); }
-tr.not-counted td a { color: var(--bad); }
-.swatch {
-  display: inline-block; width: .75rem; height: .75rem; border-radius: 2px; margin-right: .4rem; vertical-align: -1px;
-}
-figure.plot { margin: 1rem 0 1.5rem; }
-figure.plot svg { display: block; width: 100%; height: auto; }
-figure.plot figcaption { margin-top: .3rem; }
-pre.yaml { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: .8rem 1rem;
-           overflow-x: auto; line-height: 1.4; }
-ul.overrides { margin: 0; padding-left: 1.1rem; }
-footer { margin-top: 3rem; color: var(--muted); font-size: .85rem; }
-@media print { nav.toc { display: none; } h2 { break-after: avoid; } figure.plot { break-inside: avoid; } }
-</style>
-</head>
-<body>
-<main>
-${body}
-</main>
-</body>
-</html>
-"""

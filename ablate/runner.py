@@ -228,8 +228,9 @@ def _check_capacity(spec: JobSpec) -> None:
                        f"Ray cluster has {cpu:g} CPU and {gpu:g} GPU")
 
 
-def _absolute_paths(trial: Trial) -> str:
-    """The trial config as JSON with its data paths made absolute (workers run elsewhere)."""
+def _worker_config(trial: Trial, threads: int) -> str:
+    """The trial config as JSON for a worker: data paths absolute (workers run elsewhere) and the
+    thread count set from the trial's CPU share unless the spec gave one."""
     data = trial.config.data
     if data.synthetic is not None:
         data = data.model_copy(update={"synthetic": data.synthetic.model_copy(
@@ -238,7 +239,7 @@ def _absolute_paths(trial: Trial) -> str:
         c = data.coco
         data = data.model_copy(update={"coco": c.model_copy(update={k: getattr(c, k).resolve() for k in (
             "train_ann", "train_images", "val_ann", "val_images")})})
-    return trial.config.model_copy(update={"data": data}).model_dump_json()
+    return trial.config.model_copy(update={"data": data, "threads": trial.config.threads or threads}).model_dump_json()
 
 
 def _prepare_data(spec: JobSpec, say) -> None:
@@ -433,14 +434,7 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
         recorder.start(resumed=existing is not None)
         outcome.trained = [t.key for t in to_run]
         threads = max(1, int(spec.resources.cpus))
-        payload = {}
-        for t in to_run:
-            cfg_json = _absolute_paths(t)
-            if t.config.threads is None:
-                from .config import TrialConfig
-
-                cfg_json = TrialConfig.model_validate_json(cfg_json).model_copy(update={"threads": threads}).model_dump_json()
-            payload[t.key] = {"config": cfg_json, "resume_from": resume_from.get(t.key)}
+        payload = {t.key: {"config": _worker_config(t, threads), "resume_from": resume_from.get(t.key)} for t in to_run}
 
         storage = (Path(workdir) / spec.name).resolve()
         storage.mkdir(parents=True, exist_ok=True)

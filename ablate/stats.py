@@ -296,12 +296,6 @@ def compare(results: pd.DataFrame, curves: pd.DataFrame | None, baseline: str, m
     return pd.DataFrame(rows)
 
 
-def variant_table(results: pd.DataFrame, baseline: str, metrics: tuple[str, ...] = COCO_METRICS) -> pd.DataFrame:
-    """:func:`compare` without curves (t intervals): one row per variant with ``variant``, ``seeds``,
-    ``diverged``, ``failed`` and per metric ``m``, ``m_std``, ``m_diff`` among its columns."""
-    return compare(results, None, baseline, metric=metrics[0], metrics=metrics)
-
-
 def curve_bands(curves: pd.DataFrame, name: str, confidence: float = 0.95) -> pd.DataFrame:
     """The curve ``name`` (e.g. ``eval/AP``, ``loss/box``) averaged across seeds, for plots.
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import ablate.cli_report  # noqa: F401  (registers ``report`` on the app)
 from ablate.cli import app
-from ablate.report import NA, TEMPLATE, build_report
+from ablate.report import NA, build_report
 from ablate.spec import JobSpec
 from ablate.stats import compare
 from ablate.store import open_store
@@ -166,10 +166,6 @@ def external_loads(page: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- unit
-def test_template_is_the_dashboards_file():
-    assert TEMPLATE == (REPO / "dashboards" / "template.html").read_text()
-
-
 def test_report_shows_compare_numbers_plots_links_and_escapes(tmp_path):
     spec, store = make_store(tmp_path)
     page = build_report(store, "hand", mlflow_ui="http://127.0.0.1:5000")

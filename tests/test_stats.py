@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.evaluate import COCO_METRICS
-from ablate.stats import ONE_SEED, compare, convergence, curve_bands, mean_interval, paired_difference, variant_table
+from ablate.stats import ONE_SEED, compare, convergence, curve_bands, mean_interval, paired_difference
 
 T_975_2 = 4.302652729911275  # t(0.975, 2 degrees of freedom), as tables print it (exact to 2e-10)
 VAR = {0: 0.30, 1: 0.32, 2: 0.35}
@@ -200,8 +200,8 @@ def test_compare_notes_unpaired_and_one_seed():
         compare(res, None, "nope")
 
 
-def test_variant_table_keeps_its_columns():
-    out = variant_table(_results(), "base")
+def test_compare_without_curves_has_the_summary_columns():
+    out = compare(_results(), None, "base")
     assert {"variant", "seeds", "diverged", "failed", "AP", "AP_std", "AP_diff", "ARl_diff"} <= set(out.columns)
     assert out.set_index("variant").loc["ciou", "AP_diff"] == pytest.approx(0.03)
 

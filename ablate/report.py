@@ -7,7 +7,7 @@ store; nothing reads MLflow, the dataset or the run folders. The numbers are tho
 :func:`ablate.stats.curve_bands`, both over the trials that count (``stats.COUNTED``):
 diverged, failed and unfinished trials are listed, never averaged.
 
-The page loads nothing: the styles are inline (``ablate/templates/report.html``), the plots are inline SVG drawn with matplotlib's SVG backend
+The page loads nothing: the styles are inline (``ablate/templates/page.html``), the plots are inline SVG drawn with matplotlib's SVG backend
 (text kept as text, element ids made unique per plot), there is no script, and a
 Content-Security-Policy forbids every fetch. The only outside addresses are the links to the
 MLflow runs. Every text that comes from a user (description, spec, variant and class names,
@@ -768,6 +768,6 @@ def render_report(data: ReportData, mlflow_ui: Optional[str] = DEFAULT_MLFLOW_UI
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the results store; "
         "the same numbers as <code>ablate results</code>.</footer>",
     ])
-    template = (resources.files("ablate") / "templates" / "report.html").read_text(encoding="utf-8")
+    template = (resources.files("ablate") / "templates" / "page.html").read_text(encoding="utf-8")
     return Template(template).substitute(title=_e(f"ablate report: {data.job.name}"), version=_e(__version__),
                                          body=body)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import TrialConfig
 from .detect import Targets, build_priors, get_layout
@@ -61,17 +61,28 @@ class ModelEMA:
             p.requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        self._cache: tuple[nn.Module, tuple] | None = None
+
+    def _tensors(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """(EMA floats, model floats, EMA others, model others): state tensors share storage with
+        the modules, so the lists are built once per source model (building two state dicts
+        every step cost ~8 ms on one core)."""
+        if self._cache is None or self._cache[0] is not model:
+            ema, src = self.module.state_dict(), model.state_dict()
+            fl = [k for k, v in ema.items() if v.dtype.is_floating_point]
+            ot = [k for k, v in ema.items() if not v.dtype.is_floating_point]
+            self._cache = (model, ([ema[k] for k in fl], [src[k] for k in fl], [ema[k] for k in ot], [src[k] for k in ot]))
+        return self._cache[1]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step: floating tensors move ``1 - d`` of the way to the model's (one fused
+        ``_foreach_lerp_``), the others (BatchNorm's counters) are copied."""
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / 2000))
-        msd = model.state_dict()
-        for k, v in self.module.state_dict().items():
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
-            else:
-                v.copy_(msd[k])
+        ema_f, src_f, ema_o, src_o = self._tensors(model)
+        torch._foreach_lerp_(ema_f, src_f, 1.0 - d)
+        torch._foreach_copy_(ema_o, src_o)
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -177,10 +188,12 @@ def train(
     model = build_model(recipe, layout, num_classes, size, ModelConfig(config.model.width, config.model.depth)).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
     groups = param_groups(model, t.weight_decay)
+    params = [p for g in groups for p in g["params"]]  # one list: clipping walks it every step
+    # fused kernels: one pass over all parameters (AdamW's per-tensor loop cost ~18 ms a step on one core, fused 4.5)
     if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True, fused=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999), fused=True)
     steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
     total_steps = steps_per_epoch * t.epochs
     warmup = min(int(t.warmup_epochs * steps_per_epoch), total_steps // 2)
@@ -231,7 +244,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out.total).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf, foreach=True)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

@@ -103,3 +103,27 @@ def test_every_preset_overfits_one_fixed_batch(name):
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[-10:]) < 0.5 * losses[0], (losses[0], losses[-10:])
     assert min(box[-10:]) < 0.5 * box[0], (box[0], box[-10:])  # the box term itself is learned
+
+
+def test_ema_moves_floats_towards_the_model_and_copies_counters():
+    import copy
+
+    from ablate.train import ModelEMA
+
+    model = build_model(preset("yolov3"), get_layout("yolov3"), 2, 64, TINY)
+    ema = ModelEMA(model, decay=0.9)
+    before = copy.deepcopy(ema.module.state_dict())
+    model.train()
+    model(torch.rand(2, 3, 64, 64))  # BatchNorm statistics and counters move
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for step in (1, 2):
+        ema.update(model)
+        d = 0.9 * (1 - math.exp(-step / 2000))  # YOLOv5's ramp
+        now = model.state_dict()
+        for k, v in ema.module.state_dict().items():
+            want = before[k] * d + now[k] * (1 - d) if v.dtype.is_floating_point else now[k]
+            assert torch.allclose(v, want, atol=1e-6), k
+        before = copy.deepcopy(ema.module.state_dict())
+    assert ema.module.state_dict()["backbone.stem.1.num_batches_tracked"] == 1

@@ -57,6 +57,8 @@ class DataConfig(_Frozen):
 class ModelSize(_Frozen):
     width: float = Field(0.25, gt=0, le=2)  # channel multiplier
     depth: float = Field(0.33, gt=0, le=2)  # depth multiplier
+    head: Literal["decoupled", "coupled"] = "decoupled"  # decoupled: a box(+obj) and a class branch; coupled: one
+    head_width: float = Field(1.0, gt=0, le=2)  # decoupled: channels of each branch, a fraction of the neck's
 
 
 class TrainConfig(_Frozen):

@@ -185,7 +185,9 @@ def train(
     criterion = Criterion(recipe, priors, num_classes)
 
     torch.manual_seed(config.seed)
-    model = build_model(recipe, layout, num_classes, size, ModelConfig(config.model.width, config.model.depth)).to(device)
+    model_cfg = ModelConfig(config.model.width, config.model.depth, head=config.model.head,
+                            head_width=config.model.head_width)
+    model = build_model(recipe, layout, num_classes, model_cfg).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
     groups = param_groups(model, t.weight_decay)
     params = [p for g in groups for p in g["params"]]  # one list: clipping walks it every step

@@ -17,7 +17,7 @@ TINY = ModelConfig(width=0.125, depth=0.33)
 def test_output_rows_follow_the_priors(name):
     r = preset(name)
     layout = get_layout(r.anchors)
-    model = build_model(r, layout, 3, 96, TINY).eval()
+    model = build_model(r, layout, 3, TINY).eval()
     out = model(torch.randn(2, 3, 96, 96))
     assert out.shape == (2, build_priors(layout, 96).num, r.head_channels(3))
 
@@ -25,7 +25,7 @@ def test_output_rows_follow_the_priors(name):
 def test_row_order_is_level_y_x_anchor():
     r = preset("yolov3")
     layout = get_layout(r.anchors)
-    model = build_model(r, layout, 2, 64, TINY).eval()
+    model = build_model(r, layout, 2, TINY).eval()
     priors = build_priors(layout, 64)
     captured = {}
     head = model.heads[1]
@@ -38,20 +38,28 @@ def test_row_order_is_level_y_x_anchor():
     assert torch.allclose(out[0, n], raw[0, a * K:(a + 1) * K, y, x])
 
 
-def test_bias_initialisation_by_prior_probability():
-    m = build_model(preset("retinanet"), get_layout("retinanet"), 4, 128, TINY)
-    b = m.heads[0][-1].bias.view(9, 8)
+@pytest.mark.parametrize("head", ["coupled", "decoupled"])
+def test_bias_initialisation_by_prior_probability(head):
+    cfg = ModelConfig(width=0.125, depth=0.33, head=head)
+    m = build_model(preset("retinanet"), get_layout("retinanet"), 4, cfg)
+    b = m.heads[0].output_bias()  # [9 anchors, 4 box + 4 classes]
     assert torch.allclose(torch.sigmoid(b[:, 4:]), torch.full((9, 4), 0.01), atol=1e-6)
-    ssd = build_model(preset("ssd"), get_layout("ssd"), 4, 128, TINY)
-    logits = ssd.heads[0][-1].bias.view(4, 9)[:, 4:]
+    assert (b[:, :4] == 0).all()
+    ssd = build_model(preset("ssd"), get_layout("ssd"), 4, cfg)
+    logits = ssd.heads[0].output_bias()[:, 4:]  # [4, 1 background + 4]
     assert torch.allclose(torch.softmax(logits, -1)[:, 0], torch.full((4,), 0.99), atol=1e-4)
-    y3 = build_model(preset("yolov3"), get_layout("yolov3"), 4, 128, TINY)
-    obj = y3.heads[0][-1].bias.view(3, 9)[:, 4]
-    assert torch.allclose(obj, torch.full((3,), math.log(8 / 16**2)))  # stride 8 at 128 px: 16x16 cells
+    y3 = build_model(preset("yolov3"), get_layout("yolov3"), 4, cfg)
+    obj = y3.heads[0].output_bias()[:, 4]
+    assert torch.allclose(torch.sigmoid(obj), torch.full((3,), 0.01))  # every level, whatever the input size
+    # a zero feature map gives exactly the biases (eval BN of 0 is 0, SiLU(0) = 0), anchor-major
+    # as the row order needs: channel a * K + j is anchor a's output j, in both head kinds
+    head = y3.heads[0].eval()
+    out = head(torch.zeros(1, head.branches[0][0][0].in_channels, 2, 2))  # [1, A*K, 2, 2]
+    assert torch.equal(out[0, :, 1, 1].view(3, 9), head.output_bias())
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    m = build_model(preset("yolov3"), get_layout("yolov3"), 2, 64, TINY)
+    m = build_model(preset("yolov3"), get_layout("yolov3"), 2, TINY)
     decay, no_decay = param_groups(m, 0.05)
     assert all(p.ndim == 4 for p in decay["params"])
     assert all(p.ndim == 1 for p in no_decay["params"])
@@ -88,7 +96,7 @@ def test_every_preset_overfits_one_fixed_batch(name):
     torch.manual_seed(0)
     imgs, targets = _fixed_batch(torch.Generator().manual_seed(0))
     r = preset(name)
-    model = build_model(r, get_layout(r.anchors), 3, 64, TINY)
+    model = build_model(r, get_layout(r.anchors), 3, TINY)
     crit = build_criterion(r, 3, 64)
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=2e-3)
     losses, box = [], []
@@ -110,7 +118,7 @@ def test_ema_moves_floats_towards_the_model_and_copies_counters():
 
     from ablate.train import ModelEMA
 
-    model = build_model(preset("yolov3"), get_layout("yolov3"), 2, 64, TINY)
+    model = build_model(preset("yolov3"), get_layout("yolov3"), 2, TINY)
     ema = ModelEMA(model, decay=0.9)
     before = copy.deepcopy(ema.module.state_dict())
     model.train()

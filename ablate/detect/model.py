@@ -25,6 +25,12 @@ class ModelConfig:
     width: float = 0.25  # channel multiplier (YOLOv5n: 0.25)
     depth: float = 0.33  # bottleneck-count multiplier (YOLOv5n: 0.33)
     neck_channels: int | None = None  # default: 256 * width, at least 32
+    head: str = "decoupled"  # decoupled: a box (+ objectness) branch and a class branch; coupled: one conv for all
+    head_width: float = 1.0  # decoupled: each branch's channels, as a fraction of the neck's
+
+
+#: Prior probability that an anchor holds an object, for the bias initialisation (RetinaNet's pi).
+PRIOR_PROB = 0.01
 
 
 def _ch(c: float) -> int:
@@ -148,11 +154,58 @@ class Neck(nn.Module):
         return x
 
 
+class Head(nn.Module):
+    """One level's head: ``Tensor[B, c, H, W] -> Tensor[B, A*K, H, W]``, channels anchor-major.
+
+    ``coupled``: a 3x3 conv then one 1x1 output conv (YOLOv3's last block). ``decoupled``:
+    two 3x3 branches of ``width * c`` channels, box offsets and objectness from one, classes
+    from the other (RetinaNet's box and class subnets; YOLOX, Ge et al. 2021, sec. 2.1.1,
+    for its faster convergence). At width 1 a training step of the tiny detector at 160 px
+    costs ~18% more than with the coupled head (one core).
+    """
+
+    def __init__(self, c: int, a: int, k: int, n_box: int, kind: str, width: float = 1.0):
+        super().__init__()
+        self.a, self.k, self.n_box, self.kind = a, k, n_box, kind
+        if kind == "coupled":
+            self.branches = nn.ModuleList([nn.Sequential(ConvBNAct(c, c, 3), nn.Conv2d(c, a * k, 1))])
+        elif kind == "decoupled":
+            h = _ch(c * width)
+            self.branches = nn.ModuleList([nn.Sequential(ConvBNAct(c, h, 3), nn.Conv2d(h, a * n_box, 1)),
+                                           nn.Sequential(ConvBNAct(c, h, 3), nn.Conv2d(h, a * (k - n_box), 1))])
+        else:
+            raise ValueError(f"head: unknown kind {kind!r}; choose coupled or decoupled")
+
+    @torch.no_grad()
+    def init_output(self, bias: Tensor, weight_scale: float) -> None:
+        """Set the output biases from ``bias: Tensor[A, K]`` and scale the output weights."""
+        outs = [b[-1] for b in self.branches]
+        if self.kind == "coupled":
+            outs[0].bias.copy_(bias.reshape(-1))
+        else:
+            outs[0].bias.copy_(bias[:, : self.n_box].reshape(-1))
+            outs[1].bias.copy_(bias[:, self.n_box :].reshape(-1))
+        for o in outs:
+            o.weight.mul_(weight_scale)
+
+    def output_bias(self) -> Tensor:
+        """The output biases as ``Tensor[A, K]`` (a copy)."""
+        outs = [b[-1].bias.detach().view(self.a, -1) for b in self.branches]
+        return torch.cat(outs, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "coupled":
+            return self.branches[0](x)
+        B, _, H, W = x.shape
+        box = self.branches[0](x).view(B, self.a, self.n_box, H, W)
+        cls = self.branches[1](x).view(B, self.a, self.k - self.n_box, H, W)
+        return torch.cat((box, cls), 2).view(B, self.a * self.k, H, W)
+
+
 class Detector(nn.Module):
     """Backbone + neck + one head per level with ``A_l * K`` outputs per cell."""
 
-    def __init__(self, layout: AnchorLayout, recipe: LossRecipe, num_classes: int, image_size: int,
-                 config: ModelConfig = ModelConfig()):
+    def __init__(self, layout: AnchorLayout, recipe: LossRecipe, num_classes: int, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.strides = layout.strides
         self.anchors_per_level = layout.anchors_per_level
@@ -160,28 +213,35 @@ class Detector(nn.Module):
         self.backbone = Backbone(self.strides, config.width, config.depth)
         c = config.neck_channels or max(32, _ch(256 * config.width))
         self.neck = Neck([self.backbone.out_channels[s] for s in self.strides], c, config.depth)
-        self.heads = nn.ModuleList(
-            nn.Sequential(ConvBNAct(c, c, 3), nn.Conv2d(c, a * self.k, 1)) for a in self.anchors_per_level
-        )
-        self._init_bias(recipe, num_classes, image_size)
+        n_box = 4 + int(recipe.has_objectness)
+        self.heads = nn.ModuleList(Head(c, a, self.k, n_box, config.head, config.head_width)
+                                   for a in self.anchors_per_level)
+        self._init_bias(recipe, num_classes)
 
     @torch.no_grad()
-    def _init_bias(self, recipe: LossRecipe, num_classes: int, image_size: int) -> None:
-        """Prior-probability bias initialisation (RetinaNet sec. 4.1; YOLOv5 ``_initialize_biases``)."""
-        for head, stride, a in zip(self.heads, self.strides, self.anchors_per_level):
-            conv = head[-1]
-            b = conv.bias.view(a, self.k)
-            b.zero_()
-            c0 = 4
+    def _init_bias(self, recipe: LossRecipe, num_classes: int) -> None:
+        """Prior-probability bias initialisation (Lin et al. 2017, sec. 4.1): every anchor starts
+        at ``p(object) = PRIOR_PROB``, through its objectness logit, or its class logits (sigmoid
+        heads), or its background logit (softmax heads). With objectness, the class logits start
+        at YOLOv5's ``log(0.6 / (C - 0.99))`` (``_initialize_biases``).
+
+        Not YOLOv5's objectness ``log(8 / (640 / stride)^2)``: it assumes a 640 px input; at
+        160 px it starts the anchors at p = 0.02 (stride 8) to 0.32 (stride 32), ~20x the rate of
+        positives there, and the flood of negatives' loss stalls learning (tiny YOLOv3 on the
+        quickstart set, fitted anchors, 10 epochs: AP 0.255 and 0.173 for seeds 0 and 1 with it,
+        0.405 and 0.398 with ``PRIOR_PROB``).
+        """
+        prior_logit = math.log(PRIOR_PROB / (1 - PRIOR_PROB))
+        for head, a in zip(self.heads, self.anchors_per_level):
+            b = torch.zeros(a, self.k)  # [A, K]: 4 box offsets stay 0
             if recipe.has_objectness:
-                b[:, 4] = math.log(8 / (image_size / stride) ** 2)  # ~8 objects per image
-                c0 = 5
-                b[:, c0:] = math.log(0.6 / max(num_classes - 0.99, 0.01))
+                b[:, 4] = prior_logit
+                b[:, 5:] = math.log(0.6 / max(num_classes - 0.99, 0.01))
             elif recipe.background_class:
-                b[:, c0] = math.log(99.0 * num_classes)  # p(background) ~ 0.99
+                b[:, 4] = math.log((1 - PRIOR_PROB) / PRIOR_PROB * num_classes)  # softmax: p(background) = 1 - PRIOR_PROB
             else:
-                b[:, c0:] = -math.log((1 - 0.01) / 0.01)  # p(class) ~ 0.01
-            conv.weight.mul_(0.1)
+                b[:, 4:] = prior_logit
+            head.init_output(b, 0.1)
 
     def forward(self, images: Tensor) -> Tensor:
         """``Tensor[B, 3, S, S] -> Tensor[B, N, K]``."""
@@ -194,6 +254,5 @@ class Detector(nn.Module):
         return torch.cat(outs, 1)  # [B, N, K]
 
 
-def build_model(recipe: LossRecipe, layout: AnchorLayout, num_classes: int, image_size: int,
-                config: ModelConfig = ModelConfig()) -> Detector:
-    return Detector(layout, recipe, num_classes, image_size, config)
+def build_model(recipe: LossRecipe, layout: AnchorLayout, num_classes: int, config: ModelConfig = ModelConfig()) -> Detector:
+    return Detector(layout, recipe, num_classes, config)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrialConfig
-from .detect import Targets, build_priors, get_layout
+from .detect import AnchorLayout, LossRecipe, Targets, build_priors, fit_anchors, get_layout
 from .detect.criterion import Criterion
 from .detect.model import ModelConfig, build_model
 
@@ -146,6 +146,25 @@ def build_data(config: TrialConfig, progress: Optional[Callable[[str], None]] = 
     return train_set, val_set
 
 
+def build_layout(recipe: LossRecipe, train_set, progress: Optional[Callable[[str], None]] = None) -> AnchorLayout:
+    """The recipe's anchor layout; with ``anchor_fit: kmeans``, fitted to ``train_set``'s boxes
+    (a :class:`~ablate.data.coco.DatasetError` if it has fewer boxes than anchors)."""
+    from .data.coco import DatasetError
+
+    layout = get_layout(recipe.anchors)
+    if recipe.anchor_fit == "kmeans":
+        wh = train_set.box_sizes()
+        k = sum(layout.anchors_per_level)
+        if wh.shape[0] < k:
+            raise DatasetError(f"{train_set.ann_file}: {wh.shape[0]} training boxes, fewer than the {k} anchors "
+                               f"that recipe.anchor_fit=kmeans fits to them (set recipe.anchor_fit: none)")
+        layout = fit_anchors(layout, wh)
+        if progress:
+            shapes = " | ".join(" ".join(f"{w:.0f}x{h:.0f}" for w, h in lv.anchors) for lv in layout.levels)
+            progress(f"anchors fitted to {wh.shape[0]} training boxes (k-means, 1 - IoU): {shapes}")
+    return layout
+
+
 def train(
     config: TrialConfig,
     report: Report = lambda event: None,
@@ -166,8 +185,9 @@ def train(
 
     Returns:
         ``{"status": "finished" | "diverged" | "stopped", "epoch", "step", <last eval
-        metrics>, "train_seconds", "images_per_second", ...}``; a diverged trial adds
-        ``"diverged_at": {"step", "epoch", "losses"}``.
+        metrics>, "train_seconds", "images_per_second", "anchors", ...}`` (``anchors``: the
+        anchor shapes ``[w, h]`` per level in input pixels, fitted or published); a diverged
+        trial adds ``"diverged_at": {"step", "epoch", "losses"}``.
     """
     from .data.coco import collate
     from .evaluate import evaluate_model, load_coco_gt
@@ -180,8 +200,10 @@ def train(
     train_set, val_set = build_data(config, progress)
     num_classes = train_set.num_classes
     size = config.data.image_size
-    layout = get_layout(recipe.anchors)
+    layout = build_layout(recipe, train_set, progress)
     priors = build_priors(layout, size, device=device)
+    anchors = [[[round(w, 2), round(h, 2)] for w, h in priors.anchor_wh[priors.anchor_level == lvl].tolist()]
+               for lvl in range(priors.num_levels)]  # per level, input pixels
     criterion = Criterion(recipe, priors, num_classes)
 
     torch.manual_seed(config.seed)
@@ -240,7 +262,7 @@ def train(
             if not torch.isfinite(out.total):
                 train_seconds += time.perf_counter() - t0
                 return _result("diverged", epoch, step, last_eval, train_seconds, images_seen, {
-                    "diverged_at": {"step": step, "epoch": epoch,
+                    "anchors": anchors, "diverged_at": {"step": step, "epoch": epoch,
                                     "losses": {k: float(v.detach()) for k, v in out.losses.items()}},
                 })
             optimizer.zero_grad(set_to_none=True)
@@ -282,7 +304,7 @@ def train(
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < t.epochs:
             status = "stopped"
             break
-    return _result(status, epoch, step, last_eval, train_seconds, images_seen)
+    return _result(status, epoch, step, last_eval, train_seconds, images_seen, {"anchors": anchors})
 
 
 def _result(status: str, epoch: int, step: int, last_eval: dict, train_seconds: float, images_seen: int,

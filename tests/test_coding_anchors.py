@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ablate.detect.anchors import LAYOUTS, build_priors, get_layout, kmeans_anchors, layout_from_anchors
+from ablate.detect import preset
+from ablate.detect.anchors import LAYOUTS, build_priors, fit_anchors, get_layout, kmeans_anchors, layout_from_anchors
 from ablate.detect.boxes import wh_iou
 from ablate.detect.coding import DeltaCoding, ScaledYoloCoding, Yolov1Coding, YoloCoding, build_coding
 
@@ -141,3 +142,32 @@ def test_kmeans_recovers_clusters():
     assert layout.anchors_per_level == (3,)
     with pytest.raises(ValueError):
         kmeans_anchors(wh[:2], 3)
+
+
+def test_fit_anchors_deals_clusters_to_levels_by_area():
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[8.0, 10.0], [14.0, 30.0], [30.0, 14.0], [40.0, 40.0], [60.0, 90.0], [90.0, 60.0],
+                            [120.0, 50.0], [50.0, 120.0], [140.0, 140.0]])
+    wh = torch.cat([c * (1 + 0.03 * torch.randn(60, 2, generator=gen)) for c in centres])
+    fitted = fit_anchors(get_layout("yolov3"), wh)
+    assert fitted.strides == (8, 16, 32) and fitted.anchors_per_level == (3, 3, 3) and fitted.ref_size is None
+    got = torch.tensor([a for lv in fitted.levels for a in lv.anchors])  # [9, 2], by level
+    assert (got.prod(1).diff() >= 0).all()  # smallest shapes on the finest level
+    assert (wh_iou(got, centres).amax(1) > 0.9).all() and (wh_iou(centres, got).amax(1) > 0.9).all()
+    # the priors use the fitted shapes in pixels, not rescaled by a reference size
+    priors = build_priors(fitted, 320)
+    assert torch.allclose(priors.anchor_wh, got)
+    # uneven layouts keep their per-level counts (SSD: 4, 6, 6, 6, 4, 4)
+    ssd = fit_anchors(get_layout("ssd"), torch.cat([wh, wh * 1.5, wh * 2]))
+    assert ssd.anchors_per_level == get_layout("ssd").anchors_per_level
+    with pytest.raises(ValueError, match="no prior shapes"):
+        fit_anchors(get_layout("yolov1"), wh)
+
+
+def test_anchor_fit_in_the_recipe():
+    assert preset("yolov3").anchor_fit == "kmeans" and preset("yolov2").anchor_fit == "kmeans"
+    assert preset("retinanet").anchor_fit == "none"
+    with pytest.raises(ValueError, match="anchor_fit: unknown value 'auto'"):
+        preset("yolov3").override(anchor_fit="auto")
+    with pytest.raises(ValueError, match="anchor_fit: anchors=yolov1 has no prior shapes"):
+        preset("yolov1").override(anchor_fit="kmeans")

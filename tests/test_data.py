@@ -282,6 +282,25 @@ def test_dataset_boxes_round_trip_to_the_annotations(small_set):
                                    atol=1e-3, rtol=0)
 
 
+def test_box_sizes_are_in_network_input_pixels(small_set):
+    ds = CocoDetection(*small_set, image_size=96, train=True)  # augmentation does not enter
+    # image 11 (80x50, scale 1.2): 30x20 and the clipped 19.5x19.75; image 12 (40x64, scale 1.5): 12x30; no crowd box
+    want = torch.tensor([[30.0, 20.0], [19.5, 19.75]]) * 1.2
+    torch.testing.assert_close(ds.box_sizes(), torch.cat((want, torch.tensor([[12.0, 30.0]]) * 1.5)))
+
+
+def test_anchor_fit_needs_as_many_boxes_as_anchors(small_set):
+    from ablate.detect import preset
+    from ablate.train import build_layout
+
+    ds = CocoDetection(*small_set, image_size=96, train=True)
+    with pytest.raises(DatasetError, match=r"instances.json: 3 training boxes, fewer than the 9 anchors") as e:
+        build_layout(preset("yolov3"), ds)
+    assert "\n" not in str(e.value)
+    assert build_layout(preset("yolov3").override(anchor_fit="none"), ds).name == "yolov3"
+    assert build_layout(preset("yolov3").override(anchors="yolov1", assigner="yolov1", anchor_fit="none"), ds).anchor_free
+
+
 def test_dataset_ignores_crowd_annotations(small_set):
     ds = CocoDetection(*small_set, image_size=96, train=False)
     _, t = ds[0]

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ablate.cli import app
@@ -51,6 +52,15 @@ def test_reports_train_and_eval_events(synth_root):
         assert key in ev
     assert len(ev["per_class_AP"]) >= 5
     assert result["images_per_second"] > 0
+    # yolov3 fits its anchors to the training boxes (k-means), and reports them
+    from ablate.detect import build_priors, fit_anchors, get_layout
+    from ablate.train import build_data
+
+    train_set, _ = build_data(tiny_config(synth_root))
+    fitted = fit_anchors(get_layout("yolov3"), train_set.box_sizes())
+    assert result["anchors"] == [[[round(w, 2), round(h, 2)] for w, h in lv.anchors] for lv in fitted.levels]
+    published = build_priors(get_layout("yolov3"), 64).anchor_wh.view(3, 3, 2)  # COCO's, scaled to 64 px
+    assert not torch.allclose(torch.tensor(result["anchors"]), published, atol=0.5)
 
 
 def test_same_seed_same_run_different_seed_differs(synth_root):

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from .transforms import AugmentConfig, DetectionTransform
+from .transforms import AugmentConfig, DetectionTransform, letterbox_geometry
 
 __all__ = ["CocoDetection", "DatasetError", "collate", "fingerprint"]
 
@@ -203,6 +203,13 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def box_sizes(self) -> Tensor:
+        """``Tensor[M, 2]``: width and height of every (non-crowd) box, in pixels of the
+        letterboxed network input, without augmentation (what anchors are fitted to)."""
+        sizes = [(r.boxes[:, 2:] - r.boxes[:, :2]) * letterbox_geometry(r.height, r.width, self.image_size).scale
+                 for r in self._records]
+        return torch.cat(sizes) if sizes else torch.zeros(0, 2)
 
     def _image(self, index: int) -> Tensor:
         """``uint8 Tensor[3, H, W]`` of image ``index``, decoded once when caching."""

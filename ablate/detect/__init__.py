@@ -5,7 +5,7 @@ k-means), ``assign`` (assigners -> Assignment), ``losses`` (loss terms), ``recip
 (LossRecipe and the presets), ``criterion`` (raw outputs -> named losses).
 """
 
-from .anchors import AnchorLayout, Priors, build_priors, get_layout, kmeans_anchors
+from .anchors import AnchorLayout, Priors, build_priors, fit_anchors, get_layout, kmeans_anchors
 from .assign import IGNORED, NEGATIVE, POSITIVE, Assignment, Targets, assign
 from .criterion import Criterion, CriterionOutput, build_criterion
 from .recipe import PRESETS, LossRecipe, preset
@@ -26,6 +26,7 @@ __all__ = [
     "build_criterion",
     "build_priors",
     "get_layout",
+    "fit_anchors",
     "kmeans_anchors",
     "preset",
 ]

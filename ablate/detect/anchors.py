@@ -275,10 +275,38 @@ def kmeans_anchors(wh: Tensor, k: int, iters: int = 300, seed: int = 0) -> Tenso
     return centres[centres.prod(1).argsort()]
 
 
-def layout_from_anchors(name: str, anchors: Tensor, strides: tuple[int, ...], ref_size: int) -> AnchorLayout:
-    """Split anchors sorted by area evenly over levels of increasing stride."""
-    per = anchors.shape[0] // len(strides)
-    if per * len(strides) != anchors.shape[0]:
-        raise ValueError(f"{anchors.shape[0]} anchors do not split evenly over {len(strides)} levels")
-    rows = [tuple((float(w), float(h)) for w, h in anchors[i * per : (i + 1) * per].tolist()) for i in range(len(strides))]
+def layout_from_anchors(
+    name: str, anchors: Tensor, strides: tuple[int, ...], ref_size: int | None, per_level: tuple[int, ...] | None = None
+) -> AnchorLayout:
+    """Split ``anchors: Tensor[A, 2]`` sorted by area over levels of increasing stride:
+    ``per_level[i]`` to level ``i`` (default: evenly, as YOLOv3 divides its clusters)."""
+    if per_level is None:
+        per = anchors.shape[0] // len(strides)
+        if per * len(strides) != anchors.shape[0]:
+            raise ValueError(f"{anchors.shape[0]} anchors do not split evenly over {len(strides)} levels")
+        per_level = (per,) * len(strides)
+    if len(per_level) != len(strides) or sum(per_level) != anchors.shape[0]:
+        raise ValueError(f"{anchors.shape[0]} anchors cannot be split as {per_level} over {len(strides)} levels")
+    bounds = [0, *torch.tensor(per_level).cumsum(0).tolist()]
+    rows = [tuple((float(w), float(h)) for w, h in anchors[a:b].tolist()) for a, b in zip(bounds, bounds[1:])]
     return AnchorLayout(name, tuple(LevelSpec(s, r) for s, r in zip(strides, rows)), ref_size=ref_size)
+
+
+def fit_anchors(layout: AnchorLayout, wh: Tensor, seed: int = 0) -> AnchorLayout:
+    """``layout`` with its anchor shapes replaced by k-means clusters of a training set's boxes.
+
+    YOLOv2's dimension clusters (Redmon & Farhadi 2017, sec. 2) as YOLOv3 uses them (2018,
+    sec. 2.3): k-means with distance ``1 - IoU`` over the ground-truth shapes, ``k`` = the
+    layout's anchor count, sorted by area and dealt to the levels in order of increasing
+    stride, as many per level as the layout has. The published anchors are this procedure's
+    result on COCO; on another dataset it gives that dataset's.
+
+    Args:
+        wh: ``Tensor[M, 2]`` ground-truth widths and heights in pixels of the network input
+            (the returned layout's anchors are in those pixels: ``ref_size`` is None).
+    """
+    if layout.anchor_free:
+        raise ValueError(f"anchors={layout.name} has no prior shapes to fit")
+    k = sum(layout.anchors_per_level)
+    anchors = kmeans_anchors(wh, k, seed=seed)  # [k, 2]
+    return layout_from_anchors(f"{layout.name}+kmeans", anchors, layout.strides, None, layout.anchors_per_level)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import losses as L
-from .anchors import Priors, build_priors, get_layout
+from .anchors import AnchorLayout, Priors, build_priors, get_layout
 from .assign import Assignment, Targets, assign
 from .boxes import EPS, elementwise_iou, xyxy_to_cxcywh
 from .coding import build_coding
@@ -234,7 +234,13 @@ class Criterion:
 
 
 def build_criterion(
-    recipe: LossRecipe, num_classes: int, image_size: tuple[int, int] | int, device: torch.device | str = "cpu"
+    recipe: LossRecipe, num_classes: int, image_size: tuple[int, int] | int, device: torch.device | str = "cpu",
+    layout: AnchorLayout | None = None,
 ) -> Criterion:
-    """The criterion of ``recipe`` for ``num_classes`` classes at ``image_size`` input."""
-    return Criterion(recipe, build_priors(get_layout(recipe.anchors), image_size, device=device), num_classes)
+    """The criterion of ``recipe`` for ``num_classes`` classes at ``image_size`` input.
+
+    ``layout`` defaults to the recipe's published one; with ``anchor_fit: kmeans`` pass the
+    fitted layout (:func:`~ablate.detect.anchors.fit_anchors`), which needs the training set.
+    """
+    layout = layout or get_layout(recipe.anchors)
+    return Criterion(recipe, build_priors(layout, image_size, device=device), num_classes)

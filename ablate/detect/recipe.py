@@ -26,6 +26,7 @@ CLS_LOSSES = ("bce", "ce", "focal", "sse")
 NORMALIZE = ("positives", "batch", "sum", "mean")
 CHOICES: dict[str, tuple[str, ...]] = {
     "anchors": tuple(LAYOUTS),
+    "anchor_fit": ("none", "kmeans"),
     "coding": CODINGS,
     "assigner": ASSIGNERS,
     "box_loss": BOX_LOSSES,
@@ -45,6 +46,7 @@ class LossRecipe:
 
     # --- coding and anchors
     anchors: str = "yolov3"  # anchor layout, see anchors.LAYOUTS
+    anchor_fit: str = "none"  # none: the layout's published shapes; kmeans: the training set's clusters (anchors.fit_anchors)
     coding: str = "yolo"  # yolo | scaled_yolo | delta | yolov1
     scale_xy: Union[float, tuple[float, ...]] = 1.0  # yolo coding: 1.0 (v2/v3), 1.05-1.2 (v4), or per level
     variances: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # delta coding
@@ -134,6 +136,8 @@ class LossRecipe:
                 f"assigner: {self.assigner} matches by anchor shape, but anchors={self.anchors} has no prior shapes; "
                 "use yolov1 or max_iou"
             )
+        if layout.anchor_free and self.anchor_fit != "none":
+            raise ValueError(f"anchor_fit: anchors={self.anchors} has no prior shapes to fit; use anchor_fit=none")
         if self.obj_target == "iou" and self.obj_loss is None:
             raise ValueError("obj_target: iou needs an objectness loss (obj_loss is null)")
 
@@ -265,7 +269,8 @@ PRESETS: dict[str, LossRecipe] = {
     # YOLOv2 (Redmon & Farhadi, CVPR 2017; darknet yolov2.cfg [region] layer).
     "yolov2": LossRecipe(
         name="yolov2",
-        anchors="yolov2",  # five k-means COCO anchors, one stride-32 level
+        anchors="yolov2",  # five anchors on one stride-32 level (COCO's: 0.57x0.68 .. 9.77x9.17 cells)
+        anchor_fit="kmeans",  # "we run k-means clustering on the training set bounding boxes" (sec. 2, Fig. 2)
         coding="yolo",  # sigma(t) + c, p exp(t) (sec. 2, "Direct location prediction")
         scale_xy=1.0,
         assigner="best_anchor",  # best anchor of the centre cell by shape IoU (region layer)
@@ -283,7 +288,8 @@ PRESETS: dict[str, LossRecipe] = {
     # YOLOv3 (Redmon & Farhadi, arXiv 1804.02767; darknet yolov3.cfg [yolo] layers).
     "yolov3": LossRecipe(
         name="yolov3",
-        anchors="yolov3",  # nine anchors, three per level at strides 8/16/32
+        anchors="yolov3",  # nine anchors, three per level at strides 8/16/32 (COCO's: 10x13 .. 373x326 at 416 px)
+        anchor_fit="kmeans",  # "We still use k-means clustering to determine our bounding box priors" (sec. 2.3)
         coding="yolo",
         scale_xy=1.0,
         assigner="best_anchor",  # "one bounding box prior for each ground truth object" (sec. 2.1)

@@ -51,6 +51,8 @@ def test_bias_initialisation_by_prior_probability(head):
     y3 = build_model(preset("yolov3"), get_layout("yolov3"), 4, cfg)
     obj = y3.heads[0].output_bias()[:, 4]
     assert torch.allclose(torch.sigmoid(obj), torch.full((3,), 0.01))  # every level, whatever the input size
+    y2 = build_model(preset("yolov2"), get_layout("yolov2"), 4, cfg)  # squared-error objectness: p = 0.5
+    assert (y2.heads[0].output_bias()[:, 4] == 0).all()
     # a zero feature map gives exactly the biases (eval BN of 0 is 0, SiLU(0) = 0), anchor-major
     # as the row order needs: channel a * K + j is anchor a's output j, in both head kinds
     head = y3.heads[0].eval()

@@ -124,6 +124,29 @@ class TrainBenchRow:
     epochs: int
 
 
+#: The quickstart's goal: YOLOv3's recipe on the tiny detector, one CPU core.
+TRAIN_GOAL = {"preset": "yolov3", "AP50": 0.5, "AP": 0.25, "train_seconds": 300.0}
+
+
+def goal_line(rows: list[TrainBenchRow], threads: int | None, parallel: int) -> str | None:
+    """One line saying whether the quickstart goal holds for the goal's preset, or None without it."""
+    row = next((r for r in rows if r.preset == TRAIN_GOAL["preset"]), None)
+    if row is None:
+        return None
+    checks = [(f"AP50 {row.AP50:.3f} >= {TRAIN_GOAL['AP50']}", row.AP50 >= TRAIN_GOAL["AP50"]),
+              (f"AP {row.AP:.3f} >= {TRAIN_GOAL['AP']}", row.AP >= TRAIN_GOAL["AP"]),
+              (f"{row.train_seconds:.0f} s <= {TRAIN_GOAL['train_seconds']:.0f} s of training",
+               row.train_seconds <= TRAIN_GOAL["train_seconds"])]
+    met = row.status == "finished" and all(ok for _, ok in checks)
+    line = f"goal for {row.preset}: " + ", ".join(f"{text} {'yes' if ok else 'NO'}" for text, ok in checks)
+    line += f": {'met' if met else 'NOT met'}"
+    if threads != 1:
+        line += f" (measured with {threads or 'default'} threads, the goal is for one core)"
+    elif parallel > 1:
+        line += f" ({parallel} trials shared the machine: the time is pessimistic)"
+    return line
+
+
 def _train_one(config_json: str) -> dict:
     """Worker: one preset's trial (a separate process, so each gets its own thread count)."""
     from .config import TrialConfig

@@ -140,7 +140,7 @@ def bench_train_cmd(
     print each preset's AP50, AP, training time and images per second."""
     import json
 
-    from .bench import bench_train, environment
+    from .bench import bench_train, environment, goal_line
     from .config import ConfigError, load_trial_config
     from .data.coco import DatasetError
     from .detect.recipe import PRESETS
@@ -167,6 +167,9 @@ def bench_train_cmd(
     for r in rows:
         table.add_row(r.preset, r.status, f"{r.AP50:.3f}", f"{r.AP:.3f}", f"{r.train_seconds:.0f}", f"{r.images_per_second:.1f}")
     console.print(table)
+    goal = goal_line(rows, base.threads, parallel)
+    if goal:
+        console.print(goal, highlight=False)
     if json_path:
         from dataclasses import asdict
 

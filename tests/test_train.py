@@ -154,3 +154,17 @@ def test_bench_train_reports_each_preset(synth_root, tmp_path):
     assert all(r["status"] == "finished" and r["images_per_second"] > 0 and 0 <= r["AP50"] <= 1 for r in rows)
     bad = CliRunner().invoke(app, ["bench", "train", "--config", str(cfg), "--presets", "yolov9"])
     assert bad.exit_code == 2 and "unknown preset 'yolov9'" in bad.output
+
+
+def test_bench_goal_line():
+    from ablate.bench import TrainBenchRow, goal_line
+
+    row = lambda **kw: TrainBenchRow(**{"preset": "yolov3", "status": "finished", "AP50": 0.6, "AP": 0.3,  # noqa: E731
+                                        "train_seconds": 250.0, "images_per_second": 30.0, "epochs": 7, **kw})
+    assert goal_line([row()], 1, 1).endswith(": met")
+    slow = goal_line([row(train_seconds=301.0)], 1, 1)
+    assert "301 s <= 300 s of training NO" in slow and slow.endswith("NOT met")
+    assert "AP 0.200 >= 0.25 NO" in goal_line([row(AP=0.2)], 1, 1)
+    assert goal_line([row(status="diverged")], 1, 1).endswith("NOT met")
+    assert "one core" in goal_line([row()], 2, 1) and "pessimistic" in goal_line([row()], 1, 2)
+    assert goal_line([row(preset="ssd")], 1, 1) is None

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrialConfig
-from .detect import AnchorLayout, LossRecipe, Targets, build_priors, fit_anchors, get_layout
-from .detect.criterion import Criterion
+from .detect import AnchorLayout, LossRecipe, Targets, build_criterion, fit_anchors, get_layout
 from .detect.model import ModelConfig, build_model
 
 Report = Callable[[dict[str, Any]], None]
@@ -201,15 +200,13 @@ def train(
     num_classes = train_set.num_classes
     size = config.data.image_size
     layout = build_layout(recipe, train_set, progress)
-    priors = build_priors(layout, size, device=device)
+    criterion = build_criterion(recipe, num_classes, size, device, layout)
+    priors = criterion.priors
     anchors = [[[round(w, 2), round(h, 2)] for w, h in priors.anchor_wh[priors.anchor_level == lvl].tolist()]
                for lvl in range(priors.num_levels)]  # per level, input pixels
-    criterion = Criterion(recipe, priors, num_classes)
 
     torch.manual_seed(config.seed)
-    model_cfg = ModelConfig(config.model.width, config.model.depth, head=config.model.head,
-                            head_width=config.model.head_width)
-    model = build_model(recipe, layout, num_classes, model_cfg).to(device)
+    model = build_model(recipe, layout, num_classes, ModelConfig(**config.model.model_dump())).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on the CPU (oneDNN)
     groups = param_groups(model, t.weight_decay)
     params = [p for g in groups for p in g["params"]]  # one list: clipping walks it every step

@@ -13,8 +13,8 @@ from ablate.detect.assign import (
     assign_wh_ratio,
     assign_yolov1,
 )
-from ablate.detect.boxes import box_iou
-from ablate.detect.coding import YoloCoding
+from ablate.detect.boxes import box_iou, elementwise_iou
+from ablate.detect.coding import ScaledYoloCoding, YoloCoding, build_coding
 
 
 def grid_2x2():
@@ -99,6 +99,9 @@ def random_targets(gen, B=4, G=6, size=256):
         ("best_anchor", "yolov4", {"iou_thresh": 0.213}),
         ("max_iou", "retinanet", {"pos_iou": 0.5, "neg_iou": 0.4}),
         ("max_iou", "ssd", {"pos_iou": 0.5, "neg_iou": 0.5}),
+        ("max_iou", "yolov3", {"pos_iou": 0.5, "neg_iou": 0.4, "coding": "yolo"}),
+        ("max_iou", "scaled_yolov4", {"pos_iou": 0.3, "neg_iou": 0.2, "coding": "scaled_yolo"}),
+        ("wh_ratio", "scaled_yolov4", {"anchor_t": 4.0, "coding": "yolo"}),  # counted, not restricted
         ("wh_ratio", "scaled_yolov4", {"anchor_t": 4.0}),
         ("yolov1", "yolov1", {}),
     ],
@@ -106,6 +109,8 @@ def random_targets(gen, B=4, G=6, size=256):
 def test_batched_assignment_equals_per_image(name, layout, kw):
     gen = torch.Generator().manual_seed(7)
     priors = build_priors(get_layout(layout), 256)
+    if "coding" in kw:
+        kw = {k: v for k, v in kw.items() if k != "coding"} | {"reach": build_coding(kw["coding"]).centre_range(priors)}
     tg = random_targets(gen)
     B = tg.boxes.shape[0]
     decoded = priors.boxes[None] + torch.randn(B, priors.num, 4, generator=gen) * 6
@@ -120,6 +125,7 @@ def test_batched_assignment_equals_per_image(name, layout, kw):
         assert torch.equal(single.cls_targets[0], full.cls_targets[i])
         assert torch.allclose(single.box_targets[0], full.box_targets[i])
         assert torch.equal(single.pos_per_gt[0], full.pos_per_gt[i, :n])
+        assert torch.equal(single.unreachable[0], full.unreachable[i])
     assert full.positive.any()
 
 
@@ -268,3 +274,79 @@ def test_assign_rejects_unknown_name():
     priors = grid_2x2()
     with pytest.raises(ValueError, match="unknown assigner 'atss'"):
         assign("atss", priors, one_image([0.0, 0.0, 10.0, 10.0]))
+
+
+# --------------------------------------------------------------------------- reachability (max_iou on a YOLO coding)
+def _offsets(priors, boxes, rows, gt):
+    """Centre of GT ``gt[k]`` in grid units of row ``rows[k]``, minus its cell: ``[K, 2]``."""
+    c = (boxes[gt, :2] + boxes[gt, 2:]) / 2
+    return c / priors.stride[rows, None] - priors.cell[rows]
+
+
+def test_max_iou_on_yolo_coding_keeps_only_reachable_positives():
+    priors = grid_2x2()
+    # centre (31, 16): cell 0; IoU 0.483 with anchor 0 and 0.433 with anchor 1 (cell 1, offset -0.03)
+    tg = one_image([4.0, 0.0, 58.0, 32.0])
+    plain = assign_max_iou(priors, tg, pos_iou=0.4, neg_iou=0.3)
+    assert plain.labels[0].tolist() == [POSITIVE, POSITIVE, NEGATIVE, NEGATIVE]
+    yolo = assign_max_iou(priors, tg, pos_iou=0.4, neg_iou=0.3, reach=YoloCoding().centre_range(priors))
+    assert yolo.labels[0].tolist() == [POSITIVE, IGNORED, NEGATIVE, NEGATIVE]  # overlaps, but sigma(t) + 1 > 1
+    assert yolo.unreachable.tolist() == [1] and yolo.stats(tg.valid)["unreachable_per_image"] == 1
+    # YOLOv4's s sigma - (s-1)/2 with s = 1.1 reaches 0.05 into the neighbours; 2 sigma - 0.5 half a cell
+    for coding in (YoloCoding(scale_xy=1.1), ScaledYoloCoding()):
+        a = assign_max_iou(priors, tg, pos_iou=0.4, neg_iou=0.3, reach=coding.centre_range(priors))
+        assert a.labels[0].tolist() == plain.labels[0].tolist() and a.unreachable.tolist() == [0]
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_max_iou_reach_on_yolov3_random_targets(low_quality):
+    gen = torch.Generator().manual_seed(3)
+    priors = build_priors(get_layout("yolov3"), 256)
+    reach = YoloCoding().centre_range(priors)  # [N, 2]: (0, 1) everywhere
+    tg = random_targets(gen)
+    plain = assign_max_iou(priors, tg, 0.5, 0.4, low_quality=low_quality)
+    a = assign_max_iou(priors, tg, 0.5, 0.4, low_quality=low_quality, reach=reach)
+    lost = 0
+    for i in range(tg.boxes.shape[0]):
+        rows = a.positive[i].nonzero().squeeze(1)
+        off = _offsets(priors, tg.boxes[i], rows, a.matched_gt[i, rows])
+        assert ((off >= 0) & (off <= 1)).all()
+        rows = plain.positive[i].nonzero().squeeze(1)
+        off = _offsets(priors, tg.boxes[i], rows, plain.matched_gt[i, rows])
+        bad = ((off < 0) | (off > 1)).any(1)
+        assert a.unreachable[i] == bad.sum()
+        lost += int(bad.sum())
+        # an unreachable plain positive that overlaps a GT by >= neg_iou is no background now (ignored,
+        # or positive for another GT); below it (a tied low-quality match) it is a negative, as its IoU says
+        if not bad.any():
+            continue
+        iou = box_iou(priors.boxes[rows[bad]], tg.boxes[i][tg.valid[i]]).amax(1)
+        assert torch.equal(a.labels[i, rows[bad]] != NEGATIVE, iou >= 0.4)
+    assert lost > 0
+    if low_quality:  # every GT keeps its best reachable anchor
+        assert a.stats(tg.valid)["gt_without_pos"] == 0
+
+
+def test_criterion_max_iou_on_yolov3_head_reports_unreachable():
+    from ablate.detect.coding import YoloCoding as Yolo
+
+    recipe = preset("yolov3").override(assigner="max_iou", neg_iou=0.4, pos_iou=0.5, ignore_thresh=None)
+    crit = build_criterion(recipe, 5, 256)
+    gen = torch.Generator().manual_seed(5)
+    tg = random_targets(gen)
+    out = crit(torch.zeros(tg.boxes.shape[0], crit.priors.num, crit.channels), tg)
+    assert out.stats["unreachable_per_image"] > 0
+    pos = out.assignment.positive
+    b, n = pos.nonzero(as_tuple=True)
+    gt = out.assignment.matched_gt[b, n]
+    c = (tg.boxes[b, gt, :2] + tg.boxes[b, gt, 2:]) / 2
+    off = c / crit.priors.stride[n, None] - crit.priors.cell[n]
+    assert ((off >= 0) & (off <= 1)).all()
+    # the coding reproduces every target it trains on
+    rows = crit.priors.rows(n)
+    back = Yolo().decode(Yolo().encode(out.assignment.box_targets[b, n], rows), rows)
+    assert (elementwise_iou(back, out.assignment.box_targets[b, n]) > 0.99).all()
+    # unbounded codings count nothing
+    retina = build_criterion(preset("retinanet"), 5, 256)
+    r_out = retina(torch.zeros(tg.boxes.shape[0], retina.priors.num, retina.channels), tg)
+    assert r_out.stats["unreachable_per_image"] == 0

@@ -206,3 +206,153 @@ def test_dense_focal_extreme_logits_fp32_match_fp64_reference():
     assert torch.isfinite(got) and torch.isfinite(x32.grad).all()
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- issue 11: losses named after what they are
+def _dense_inputs(gen, R=40, C=3, G=2):
+    x = (torch.randn(R, C, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    cls = torch.randint(-1, C, (R,), generator=gen)
+    w = torch.rand(G, R, generator=gen, dtype=torch.float64)
+    return x, cls, w
+
+
+def _smoothed_onehot(cls, C, eps):
+    onehot = F.one_hot(cls.clamp(min=0), C).double() * (cls >= 0)[:, None]
+    return onehot * (1.0 - eps) + 0.5 * eps
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.5, 1.5), (None, 0.5)])
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_dense_focal_label_smoothing_equals_elementwise(alpha, gamma, eps, gen, monkeypatch):
+    monkeypatch.setattr(L, "FOCAL_CHUNK", 64)  # several chunks
+    R, C = 300, 7
+    x = (torch.randn(R, C, generator=gen, dtype=torch.float64) * 4).requires_grad_(True)
+    cls = torch.randint(-1, C, (R,), generator=gen)
+    w = torch.rand(2, R, generator=gen, dtype=torch.float64)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = (L.sigmoid_focal_loss(x_ref, _smoothed_onehot(cls, C, eps), alpha, gamma).sum(-1) * w).sum(-1)  # [2]
+    got = L.dense_focal_loss_sum(x, cls, w, alpha, gamma, label_smoothing=eps)
+    assert torch.allclose(got, ref, rtol=1e-7)
+    coef = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    (got * coef).sum().backward()
+    (ref * coef).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-9)
+
+
+def test_dense_focal_label_smoothing_extreme_logits_fp32_match_fp64_reference():
+    x = torch.linspace(-120, 120, 4800).view(-1, 3)  # [1600, 3]
+    cls = torch.arange(1600) % 4 - 1
+    x32 = x.clone().requires_grad_(True)
+    got = L.dense_focal_loss_sum(x32, cls, torch.ones(1600), label_smoothing=0.1)
+    got.backward()
+    x64 = x.double().requires_grad_(True)
+    ref = L.sigmoid_focal_loss(x64, _smoothed_onehot(cls, 3, 0.1), 0.25, 2.0).sum()
+    ref.backward()
+    assert torch.isfinite(got) and torch.isfinite(x32.grad).all()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5)
+
+
+def test_criterion_dense_focal_path_applies_label_smoothing(monkeypatch):
+    """RetinaNet's fused focal path against the elementwise focal loss on YOLOv5's smoothed
+    targets, through the same criterion (so through the same normalisation)."""
+    from ablate.detect import build_criterion, preset
+    from ablate.detect.assign import Targets
+
+    eps = 0.2
+    recipe = preset("retinanet").override(label_smoothing=eps)
+    crit = build_criterion(recipe, 4, 96)
+    gen = torch.Generator().manual_seed(11)
+    pred = torch.randn(2, crit.priors.num, crit.channels, generator=gen)
+    tg = Targets(torch.tensor([[[10.0, 12.0, 50.0, 60.0]], [[30.0, 20.0, 90.0, 70.0]]]),
+                 torch.tensor([[1], [3]]), torch.ones(2, 1, dtype=torch.bool))
+    fused = crit(pred, tg)
+    unsmoothed = build_criterion(recipe.override(label_smoothing=0.0), 4, 96)(pred, tg)
+    assert not torch.allclose(fused.losses["noobj"], unsmoothed.losses["noobj"], rtol=1e-3)
+
+    def elementwise(logits, cls_target, row_weight, alpha, gamma, *args, **kwargs):  # the recipe's eps, not an argument
+        onehot = _smoothed_onehot(cls_target, logits.shape[1], eps)
+        return (L.sigmoid_focal_loss(logits.double(), onehot, alpha, gamma).sum(-1) * row_weight.double()).sum(-1).float()
+
+    monkeypatch.setattr(L, "dense_focal_loss_sum", elementwise)
+    ref = crit(pred, tg)
+    for k in ("cls", "noobj"):
+        assert torch.allclose(fused.losses[k], ref.losses[k], rtol=1e-5), k
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 1.5)])
+def test_dense_focal_gradcheck(eps, alpha, gamma, gen):
+    x, cls, w = _dense_inputs(gen)
+    kw = {"label_smoothing": eps} if eps else {}
+    for weights in (w, w[0]):  # Tensor[G] and a scalar
+        fn = lambda v: L.dense_focal_loss_sum(v, cls, weights, alpha, gamma, **kw)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_dense_focal_second_backward_through_retained_graph_gives_the_same_gradient(gen):
+    x, cls, w = _dense_inputs(gen)
+    out = L.dense_focal_loss_sum(x, cls, w[0]) * 3.0  # grad_out = 3: an in-place scale would give 9 the second time
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, x, retain_graph=True)
+    assert torch.equal(g1, g2)
+    out.backward(retain_graph=True)
+    out.backward()
+    assert torch.allclose(x.grad, 2 * g1)
+
+
+def test_dense_focal_refuses_second_order(gen):
+    x, cls, w = _dense_inputs(gen)
+    out = L.dense_focal_loss_sum(x, cls, w[0])
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.gradgradcheck(lambda v: L.dense_focal_loss_sum(v, cls, w[0]), (x,))
+
+
+def test_reduce_loss_reductions_and_unknown_name():
+    loss = torch.tensor([1.0, 2.0, 3.0])
+    w = torch.tensor([0.0, 1.0, 2.0])
+    assert L.reduce_loss(loss, w).item() == 8.0
+    assert L.reduce_loss(loss, w, "mean").item() == pytest.approx(8 / 3)
+    assert torch.equal(L.reduce_loss(loss, w, "none"), loss * w)
+    assert L.reduce_loss(torch.zeros(0), reduction="mean").item() == 0.0
+    with pytest.raises(ValueError, match="reduction: unknown value 'avg'"):
+        L.reduce_loss(loss, reduction="avg")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "ours,name",
+    [(L.giou_loss, "generalized_box_iou_loss"), (L.diou_loss, "distance_box_iou_loss")],
+)
+def test_giou_diou_are_torchvisions(ours, name, gen, monkeypatch):
+    calls = []
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(k) or real(*a, **k))
+    a, b = random_boxes(50, gen), random_boxes(50, gen)
+    assert torch.equal(ours(a, b), real(a, b, reduction="none", eps=1e-7))
+    assert len(calls) == 1 and calls[0]["eps"] == 1e-7
+
+
+def test_sigmoid_focal_is_torchvisions(gen, monkeypatch):
+    calls = []
+    real = ops.sigmoid_focal_loss
+    monkeypatch.setattr(ops, "sigmoid_focal_loss", lambda *a, **k: calls.append(a) or real(*a, **k))
+    x = torch.randn(100, 4, generator=gen, dtype=torch.float16) * 3
+    t = (torch.rand(100, 4, generator=gen) > 0.7).half()
+    got = L.sigmoid_focal_loss(x, t, alpha=None, gamma=1.5)
+    assert got.dtype == torch.float32 and len(calls) == 1  # fp16 computed in fp32
+    assert torch.equal(got, real(x.float(), t.float(), alpha=-1.0, gamma=1.5))
+
+
+def test_ciou_matches_torchvision_complete_box_iou_loss_in_fp32(gen):
+    a = random_boxes(500, gen, torch.float32)
+    b = random_boxes(500, gen, torch.float32)
+    assert torch.allclose(L.ciou_loss(a, b), ops.complete_box_iou_loss(a, b), atol=1e-6)
+
+
+def test_ciou_is_ours_because_torchvisions_is_nan_on_a_zero_size_prediction():
+    pred = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    assert torch.isnan(ops.complete_box_iou_loss(pred, gt)).all()
+    assert torch.isfinite(L.ciou_loss(pred, gt)).all()

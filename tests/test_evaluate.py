@@ -170,9 +170,10 @@ def test_oracle_places_colliding_ground_truths():
     assert o.unplaced == 0 and sorted(d.labels.tolist()) == [0, 1]
 
 
-def test_oracle_on_a_cell_border_needs_no_unreachable_row():
-    """ultralytics' build_targets gives a GT centred exactly on a cell border both neighbour
-    cells, and 2 sigma - 0.5 cannot reach the far one; our wh_ratio does not assign it."""
+def test_oracle_on_a_cell_border_has_only_reachable_rows():
+    """A GT centred exactly on a cell border gets the centre cell and the cell before the border
+    (the cells of ultralytics' build_targets, which lists the centre cell twice), both reachable
+    by 2 sigma - 0.5; no row on the far side, which would need an offset of -1."""
     recipe = preset("scaled_yolov4")
     priors = build_priors(get_layout(recipe.anchors), S)
     box = torch.tensor([[44.0, 44.0, 84.0, 76.0]])  # centre (64, 60): x on a border of every level

@@ -22,7 +22,7 @@ def test_override_by_name_and_from_strings():
     r = preset("yolov3").override(box_loss="ciou", ignore_thresh=None)
     assert r.box_loss == "ciou" and r.ignore_thresh is None and r.name == "yolov3"
     s = preset("scaled_yolov4").override_from(["level_balance=[4, 1, 0.5]", "focal_gamma=1", "obj_loss=null",
-                                               "obj_target=one"])
+                                               "obj_target=one", "normalize=mean"])
     assert s.level_balance == (4.0, 1.0, 0.5) and s.focal_gamma == 1.0 and s.obj_loss is None
     assert preset("yolov3").diff(r) == {"box_loss": ("mse", "ciou"), "ignore_thresh": (0.7, None)}
     with pytest.raises(AttributeError):
@@ -44,6 +44,9 @@ def test_override_by_name_and_from_strings():
         ({"level_balance": (1.0, 2.0)}, "level_balance: 2 values for 3 levels"),
         ({"anchors": "yolov1"}, "assigner: best_anchor matches by anchor shape"),
         ({"colour": "red"}, "unknown recipe field 'colour'"),
+        ({"obj_loss": None, "normalize": "level_mean"}, "normalize: level_mean is YOLOv5's per-level reduction"),
+        ({"obj_loss": None, "obj_target": "ciou"}, "obj_target: ciou needs an objectness loss"),
+        ({"scale_by_batch": 1}, "scale_by_batch: expected bool"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_line(changes, message):

@@ -7,12 +7,18 @@ return one :class:`Assignment`. An image without ground truth is all negative.
 Where two ground truths claim the same anchor, the one with the higher matching score
 wins (shape IoU, IoU or the smaller size ratio; ties go to the later ground truth, as a
 later write does in darknet).
+
+Reachability: given the coding's ``centre_range`` (``reach: Tensor[N, 2]``, the centre
+offsets each prior's cell can represent), ``max_iou`` makes an anchor positive only for
+ground truths whose centre it can reach, and every assigner counts, per image, the
+positives whose target it cannot reach (``Assignment.unreachable``; for ``max_iou`` the
+positives plain max-IoU matching would have had and the restriction removed).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -61,6 +67,8 @@ class Assignment:
     ``labels`` holds :data:`POSITIVE` / :data:`NEGATIVE` / :data:`IGNORED`;
     ``matched_gt``, ``box_targets`` and ``cls_targets`` are meaningful at positives
     (``-1`` / zeros elsewhere). ``pos_per_gt`` counts positives per ground truth and level.
+    ``unreachable`` counts per image the positives whose target the coding cannot reach
+    (see the module docstring); ``None`` where the assigner was given no ``reach``.
     """
 
     labels: Tensor  # [B, N] int8
@@ -68,6 +76,7 @@ class Assignment:
     box_targets: Tensor  # [B, N, 4] xyxy
     cls_targets: Tensor  # [B, N] long, -1 where not positive
     pos_per_gt: Tensor  # [B, G, L] long
+    unreachable: Tensor | None = None  # [B] long
 
     @property
     def positive(self) -> Tensor:
@@ -82,7 +91,8 @@ class Assignment:
         return self.labels == IGNORED
 
     def stats(self, valid: Tensor) -> dict[str, Tensor]:
-        """Assignment statistics: positives per GT per level, GTs without a positive, ignored per image."""
+        """Assignment statistics: positives per GT per level, GTs without a positive, ignored per image,
+        and (where counted) unreachable targets per image."""
         B = self.labels.shape[0]
         num_gt = valid.sum()
         denom = num_gt.clamp(min=1).float()
@@ -95,6 +105,8 @@ class Assignment:
             "ignored_per_image": self.ignored.sum().float() / max(B, 1),
         }
         out["gt_without_pos_frac"] = out["gt_without_pos"] / denom
+        if self.unreachable is not None:
+            out["unreachable_per_image"] = self.unreachable.sum().float() / max(B, 1)
         for lvl in range(per_gt.shape[-1]):
             out[f"pos_per_gt_l{lvl}"] = per_gt[..., lvl].sum() / denom
         return out
@@ -149,6 +161,32 @@ def _cell_of(centre: Tensor, stride: Tensor, W: Tensor, H: Tensor) -> tuple[Tens
     return gx, gy
 
 
+def _reachable(priors: Priors, targets: Targets, reach: Tensor) -> Tensor:
+    """Whether each prior's cell can reach each GT's centre: ``Tensor[B, N, G]`` bool.
+
+    ``reach: Tensor[N, 2]`` is the closed range ``[lo, hi]`` of centre offsets (grid units
+    from the cell's corner) on both axes.
+    """
+    c = xyxy_to_cxcywh(targets.boxes)  # [B, G, 4]
+    lo, hi = reach[None, :, 0, None], reach[None, :, 1, None]  # [1, N, 1]
+    ok = torch.ones(c.shape[0], priors.num, c.shape[1], dtype=torch.bool, device=c.device)
+    for ax in (0, 1):  # x, y
+        off = c[:, None, :, ax] / priors.stride[None, :, None] - priors.cell[None, :, ax, None]  # [B, N, G]
+        ok &= (off >= lo) & (off <= hi)
+    return ok
+
+
+def _count_unreachable(priors: Priors, targets: Targets, matched: Tensor, reach: Tensor) -> Tensor:
+    """Positives of ``matched [B, N]`` whose GT centre their cell cannot reach, per image: ``Tensor[B]``."""
+    B, N = matched.shape
+    if targets.boxes.shape[1] == 0:
+        return torch.zeros(B, dtype=torch.long, device=matched.device)
+    c = xyxy_to_cxcywh(targets.boxes).gather(1, matched.clamp(min=0)[..., None].expand(B, N, 4))  # [B, N, 4]
+    off = c[..., :2] / priors.stride[:, None] - priors.cell  # [B, N, 2]
+    out = ((off < reach[:, :1]) | (off > reach[:, 1:])).any(-1) & (matched >= 0)  # [B, N]
+    return out.sum(1)
+
+
 def _finish(priors: Priors, targets: Targets, matched: Tensor, ignored: Tensor | None = None) -> Assignment:
     """Build the :class:`Assignment` from ``matched [B, N]`` (and an optional ignored mask)."""
     B, N = matched.shape
@@ -174,6 +212,20 @@ def _finish(priors: Priors, targets: Targets, matched: Tensor, ignored: Tensor |
 
 
 # --------------------------------------------------------------------------- assigners
+def _max_iou_match(iou: Tensor, valid: Tensor, pos_iou: float, low_quality: bool, min_pos_iou: float) -> Tensor:
+    """Matched GT ``[B, N]`` (``-1``: none) of IoUs ``[B, N, G]`` (``-1`` where a pair may not match)."""
+    best_iou, best_gt = iou.max(dim=2)  # [B, N]
+    matched = torch.where(best_iou >= pos_iou, best_gt, torch.full_like(best_gt, -1))
+    if low_quality:
+        gt_best = iou.max(dim=1, keepdim=True).values  # [B, 1, G]
+        ok = valid[:, None, :] & (gt_best > 0) & (gt_best >= min_pos_iou)
+        is_best = (iou == gt_best) & ok  # [B, N, G]
+        forced = torch.where(is_best, iou, torch.full_like(iou, -1.0))
+        f_iou, f_gt = forced.max(dim=2)  # [B, N]
+        matched = torch.where(f_iou >= 0, f_gt, matched)
+    return matched
+
+
 @torch.no_grad()
 def assign_max_iou(
     priors: Priors,
@@ -182,6 +234,7 @@ def assign_max_iou(
     neg_iou: float = 0.4,
     low_quality: bool = True,
     min_pos_iou: float = 0.0,
+    reach: Tensor | None = None,
 ) -> Assignment:
     """Max-IoU matching of anchor boxes to ground truths (Faster R-CNN, SSD, RetinaNet).
 
@@ -190,25 +243,29 @@ def assign_max_iou(
     when that IoU is >= ``min_pos_iou`` and > 0 (detectron2 ``Matcher``, SSD's
     bipartite step). 0.3/0.7 is the RPN / YOLOv3-paper setting, 0.4/0.5 RetinaNet,
     0.5/0.5 SSD.
+
+    ``reach`` (``Tensor[N, 2]``, the coding's ``centre_range``; ``None``: unbounded) limits
+    positives to pairs whose GT centre the anchor's cell can reach: on a YOLO coding the
+    neighbouring cells' anchors overlap a GT but cannot place a centre in it. Such an
+    anchor is ignored where its IoU would have made it positive (it is no background
+    either); the low-quality match of a GT is its best *reachable* anchor. What the
+    restriction removed is counted in ``Assignment.unreachable``.
     """
     B, G = targets.valid.shape
     N = priors.num
     if G == 0:
-        return _finish(priors, targets, torch.full((B, N), -1, dtype=torch.long, device=priors.boxes.device))
+        out = _finish(priors, targets, torch.full((B, N), -1, dtype=torch.long, device=priors.boxes.device))
+        return out if reach is None else replace(out, unreachable=torch.zeros(B, dtype=torch.long, device=out.labels.device))
     iou = box_iou(priors.boxes, targets.boxes.reshape(-1, 4)).view(N, B, G).permute(1, 0, 2)  # [B, N, G]
     iou = torch.where(targets.valid[:, None, :], iou, torch.full_like(iou, -1.0))
-    best_iou, best_gt = iou.max(dim=2)  # [B, N]
-    matched = torch.where(best_iou >= pos_iou, best_gt, torch.full_like(best_gt, -1))
-    ignored = (best_iou >= neg_iou) & (best_iou < pos_iou)
-    if low_quality:
-        gt_best = iou.max(dim=1, keepdim=True).values  # [B, 1, G]
-        ok = targets.valid[:, None, :] & (gt_best > 0) & (gt_best >= min_pos_iou)
-        is_best = (iou == gt_best) & ok  # [B, N, G]
-        forced = torch.where(is_best, iou, torch.full_like(iou, -1.0))
-        f_iou, f_gt = forced.max(dim=2)  # [B, N]
-        has = f_iou >= 0
-        matched = torch.where(has, f_gt, matched)
-    return _finish(priors, targets, matched, ignored)
+    ignored = iou.amax(dim=2) >= neg_iou  # [B, N]; positives override it
+    if reach is None:
+        return _finish(priors, targets, _max_iou_match(iou, targets.valid, pos_iou, low_quality, min_pos_iou), ignored)
+    ok = _reachable(priors, targets, reach)  # [B, N, G]
+    matched = _max_iou_match(iou.masked_fill(~ok, -1.0), targets.valid, pos_iou, low_quality, min_pos_iou)
+    plain = _max_iou_match(iou, targets.valid, pos_iou, low_quality, min_pos_iou)  # [B, N]
+    lost = (plain >= 0) & ~ok.gather(2, plain.clamp(min=0)[..., None]).squeeze(2)  # [B, N]
+    return replace(_finish(priors, targets, matched, ignored), unreachable=lost.sum(1))
 
 
 @torch.no_grad()
@@ -242,6 +299,14 @@ def assign_wh_ratio(priors: Priors, targets: Targets, anchor_t: float = 4.0) -> 
     all below ``anchor_t`` (``max(r, 1/r) < anchor_t``); each match is assigned to the GT's
     centre cell and to the two neighbouring cells nearest the centre (offset 0.5), where
     they exist.
+
+    The cells are the reference's; its rows are not always. ultralytics keeps one row per
+    (GT, anchor, cell) and so repeats rows in two cases, each counted again in its per-level
+    box and class means: a centre exactly on a cell border (its right/down test
+    ``(W - g) % 1 < 0.5`` also holds at fraction 0, where the offset ``-0.5`` truncates back
+    to the centre cell: the centre cell twice, no far neighbour), and two GTs claiming the
+    same (anchor, cell), both kept (the last ``tobj`` write wins). Here an anchor row has
+    one GT: the one with the smaller size ratio (ties: the later GT), once.
     """
     B, G = targets.valid.shape
     N = priors.num
@@ -256,8 +321,8 @@ def assign_wh_ratio(priors: Priors, targets: Targets, anchor_t: float = 4.0) -> 
     inv = torch.stack((t["W"], t["H"]), -1) - g  # distance to the far edge
     left = (frac[..., 0] < 0.5) & (g[..., 0] > 1)
     up = (frac[..., 1] < 0.5) & (g[..., 1] > 1)
-    # strictly past the middle: a centre on a cell border (fraction 0) would otherwise also
-    # get the cell to its right, at offset -1, which 2 sigma - 0.5 cannot reach (ultralytics does this)
+    # strictly past the middle: the same cells as ultralytics' `(W - g) % 1 < 0.5`, which at fraction 0
+    # (a centre on a cell border) selects its centre cell a second time rather than a neighbour
     right = (frac[..., 0] > 0.5) & (inv[..., 0] > 1)
     down = (frac[..., 1] > 0.5) & (inv[..., 1] > 1)
     dx = torch.tensor([0, -1, 0, 1, 0], device=gx.device)
@@ -309,7 +374,7 @@ def apply_ignore_mask(assignment: Assignment, decoded: Tensor, targets: Targets,
     over = iou.amax(-1) > ignore_thresh  # [B, N]
     labels = assignment.labels.clone()
     labels[(labels == NEGATIVE) & over] = IGNORED
-    return Assignment(labels, assignment.matched_gt, assignment.box_targets, assignment.cls_targets, assignment.pos_per_gt)
+    return replace(assignment, labels=labels)
 
 
 def assign(
@@ -325,10 +390,16 @@ def assign(
     iou_thresh: float | None = None,
     anchor_t: float = 4.0,
     ignore_thresh: float | None = None,
+    reach: Tensor | None = None,
 ) -> Assignment:
-    """Run the assigner ``name`` and then, if ``ignore_thresh`` is set, the ignore mask."""
+    """Run the assigner ``name`` and then, if ``ignore_thresh`` is set, the ignore mask.
+
+    ``reach``: the coding's ``centre_range(priors)`` (``Tensor[N, 2]``, ``None`` where
+    unbounded). ``max_iou`` restricts its positives to it; every assigner's result counts
+    the unreachable targets (``Assignment.unreachable``, 0 for an unbounded coding).
+    """
     if name == "max_iou":
-        a = assign_max_iou(priors, targets, pos_iou, neg_iou, low_quality, min_pos_iou)
+        a = assign_max_iou(priors, targets, pos_iou, neg_iou, low_quality, min_pos_iou, reach)
     elif name == "best_anchor":
         a = assign_best_anchor(priors, targets, iou_thresh)
     elif name == "wh_ratio":
@@ -339,6 +410,11 @@ def assign(
         a = assign_yolov1(priors, targets, decoded)
     else:
         raise ValueError(f"unknown assigner {name!r}; choose one of {', '.join(ASSIGNERS)}")
+    if a.unreachable is None:
+        B = targets.valid.shape[0]
+        count = (torch.zeros(B, dtype=torch.long, device=a.labels.device) if reach is None
+                 else _count_unreachable(priors, targets, a.matched_gt, reach))
+        a = replace(a, unreachable=count)
     if ignore_thresh is not None:
         if decoded is None:
             raise ValueError("the ignore mask needs decoded predictions")

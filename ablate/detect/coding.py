@@ -7,7 +7,11 @@ Each coding has
 * ``activate(t)`` and ``target(boxes, p)``: the *regression space* of "MSE on t" — the
   quantities the YOLO papers regress with squared error (for YOLOv2/v3 that is
   ``(sigma(tx), sigma(ty), tw, th)`` against the cell offset and ``log(w/p_w)``, which
-  needs no logit of a target at 0 or 1).
+  needs no logit of a target at 0 or 1);
+* ``centre_range(p)``: the box centres each prior can reach, as offsets in grid units
+  from its cell's corner ``(lo, hi)`` on both axes, or ``None`` where unbounded. The
+  sigmoid codings reach the open interval; the assigners treat its ends as reachable
+  (``encode`` clamps the logit there).
 
 ``p`` is :class:`~ablate.detect.anchors.Priors` (rows ``[N]``, broadcasting against
 ``t: Tensor[B, N, 4]``) or :class:`~ablate.detect.anchors.PriorRows` for a subset
@@ -40,6 +44,7 @@ class BoxCoding(Protocol):
     def encode(self, boxes: Tensor, p: PriorLike) -> Tensor: ...
     def activate(self, t: Tensor, p: PriorLike) -> Tensor: ...
     def target(self, boxes: Tensor, p: PriorLike) -> Tensor: ...
+    def centre_range(self, p: PriorLike) -> Tensor | None: ...
 
 
 def _logit(x: Tensor) -> Tensor:
@@ -94,6 +99,11 @@ class YoloCoding:
         s = self._s(p, tgt)
         return torch.cat((_logit((tgt[..., :2] + (s - 1) / 2) / s), tgt[..., 2:]), -1)
 
+    def centre_range(self, p: PriorLike) -> Tensor:
+        """``(-(s-1)/2, 1 + (s-1)/2)`` per prior: ``Tensor[..., 2]``; (0, 1), the own cell, for s = 1."""
+        s = self._s(p, p.stride.float())  # [..., 1]
+        return torch.cat((-(s - 1) / 2, 1 + (s - 1) / 2), -1)
+
 
 @dataclass(frozen=True)
 class ScaledYoloCoding:
@@ -123,6 +133,10 @@ class ScaledYoloCoding:
     def encode(self, boxes: Tensor, p: PriorLike) -> Tensor:
         tgt = self.target(boxes, p)
         return _logit(torch.cat(((tgt[..., :2] + 0.5) / 2, tgt[..., 2:] / 2), -1))
+
+    def centre_range(self, p: PriorLike) -> Tensor:
+        """``(-0.5, 1.5)`` for every prior: ``Tensor[..., 2]``."""
+        return torch.tensor((-0.5, 1.5), device=p.stride.device).expand(*p.stride.shape, 2)
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,10 @@ class DeltaCoding:
     def target(self, boxes: Tensor, p: PriorLike) -> Tensor:
         return self.encode(boxes, p)
 
+    def centre_range(self, p: PriorLike) -> None:
+        """Unbounded: the centre is the anchor's plus a linear delta."""
+        return None
+
 
 @dataclass(frozen=True)
 class Yolov1Coding:
@@ -187,6 +205,10 @@ class Yolov1Coding:
 
     def target(self, boxes: Tensor, p: PriorLike) -> Tensor:
         return self.encode(boxes, p)
+
+    def centre_range(self, p: PriorLike) -> None:
+        """Unbounded: linear offsets."""
+        return None
 
 
 CODINGS = ("yolo", "scaled_yolo", "delta", "yolov1")

@@ -9,7 +9,8 @@ Flow per batch (detr ``SetCriterion`` style):
 3. assign once under ``no_grad``;
 4. compute each term on the rows it concerns: the box term on positives only, the
    objectness / background terms on positives and (kept) negatives;
-5. normalise, and weight with the recipe's lambdas.
+5. normalise (:meth:`Criterion._normalise`), and weight with the recipe's lambdas (times
+   the batch size with ``scale_by_batch``, as YOLOv5's ``loss * bs``).
 
 Loss names: ``box``, ``cls`` (positives), ``obj`` (positives' objectness) and ``noobj``
 (what negatives pay: their objectness, or their background-class loss on heads without
@@ -55,10 +56,11 @@ class Criterion:
         self.priors = priors
         self.num_classes = num_classes
         self.coding = build_coding(recipe.coding, recipe.scale_xy, recipe.variances)
+        self._reach = self.coding.centre_range(priors)  # [N, 2] centre offsets each prior can reach; None: unbounded
         self.channels = recipe.head_channels(num_classes)
         balance = recipe.level_balance or (1.0,) * priors.num_levels
         self._level_weight = torch.tensor(balance, dtype=torch.float32, device=priors.boxes.device)[priors.level]  # [N]
-        if recipe.normalize == "mean":
+        if recipe.normalize in ("mean", "level_mean"):
             counts = torch.tensor([h * w * a for h, w, a in priors.level_shapes], dtype=torch.float32,
                                   device=priors.boxes.device)
             self._level_weight = self._level_weight / counts[priors.level]
@@ -68,12 +70,18 @@ class Criterion:
         r = self.recipe
         return r.assigner == "yolov1" or r.ignore_thresh is not None
 
-    def _box_loss(self, t_pos: Tensor, rows, box_tgt: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-positive box loss ``[P]`` and the detached IoU of the decoded prediction ``[P]``."""
+    def _box_loss(self, t_pos: Tensor, rows, box_tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-positive box loss ``[P]``, the detached IoU of the decoded prediction ``[P]``
+        and the positives' objectness target ``[P]`` (``obj_target``: 1, that IoU, or the
+        detached CIoU clamped at 0, YOLOv5's ``tobj = bbox_iou(..., CIoU=True).detach().clamp(0)``)."""
         r = self.recipe
         pred_boxes = self.coding.decode(t_pos, rows)  # [P, 4]
         with torch.no_grad():
             iou = elementwise_iou(pred_boxes.detach(), box_tgt).clamp(min=0)
+            if r.obj_target == "ciou":
+                obj_t = (1.0 - L.ciou_loss(pred_boxes.detach(), box_tgt)).clamp(min=0)
+            else:
+                obj_t = iou if r.obj_target == "iou" else torch.ones_like(iou)
         if r.box_loss in L.IOU_LOSSES:
             if r.box_loss == "ciou":
                 loss = L.ciou_loss(pred_boxes, box_tgt, iou_gate=r.ciou_iou_gate)
@@ -83,7 +91,9 @@ class Criterion:
             loss = L.mse_loss(self.coding.activate(t_pos, rows), self.coding.target(box_tgt, rows))
         elif r.box_loss == "smooth_l1":
             loss = L.smooth_l1_loss(self.coding.activate(t_pos, rows), self.coding.target(box_tgt, rows), r.smooth_l1_beta)
-        else:  # sse_sqrt: YOLOv1's (x, y, sqrt w, sqrt h), from the decoded box
+        elif r.coding == "yolov1":  # sse_sqrt on YOLOv1's coding: its outputs are (x, y, sqrt w, sqrt h) (sec. 2.2)
+            loss = L.mse_loss(t_pos, self.coding.target(box_tgt, rows))
+        else:  # sse_sqrt on another coding: YOLOv1's (x, y, sqrt w, sqrt h) of the decoded box
             H, W = self.priors.image_size
             scale = torch.tensor((W, H), dtype=torch.float32, device=t_pos.device)
 
@@ -97,7 +107,7 @@ class Criterion:
             H, W = self.priors.image_size
             wh = xyxy_to_cxcywh(box_tgt)[..., 2:]
             loss = loss * (2.0 - wh[..., 0] * wh[..., 1] / (W * H))
-        return loss, iou
+        return loss, iou, obj_t
 
     def _elementwise_obj(self, logits: Tensor, target: Tensor) -> Tensor:
         r = self.recipe
@@ -139,7 +149,7 @@ class Criterion:
         a = assign(
             r.assigner, priors, targets, decoded,
             pos_iou=r.pos_iou, neg_iou=r.neg_iou, low_quality=r.low_quality, min_pos_iou=r.min_pos_iou,
-            iou_thresh=r.iou_thresh, anchor_t=r.anchor_t, ignore_thresh=r.ignore_thresh,
+            iou_thresh=r.iou_thresh, anchor_t=r.anchor_t, ignore_thresh=r.ignore_thresh, reach=self._reach,
         )
         pos, neg = a.positive, a.negative  # [B, N]
         b_idx, n_idx = pos.nonzero(as_tuple=True)  # [P]
@@ -147,27 +157,30 @@ class Criterion:
         num_pos_img = pos.sum(1)  # [B]
         rows = priors.rows(n_idx)
 
-        box_each, iou_pos = self._box_loss(t[b_idx, n_idx], rows, a.box_targets[b_idx, n_idx])  # [P], [P]
-        out: dict[str, Tensor] = {"box": box_each.sum()}
+        box_each, iou_pos, obj_pos_t = self._box_loss(t[b_idx, n_idx], rows, a.box_targets[b_idx, n_idx])  # [P] each
+        # level_mean: each positive weighs 1 / (positives on its level), so that the sums below are per-level means
+        pos_w = self._per_level_mean_weight(n_idx) if r.normalize == "level_mean" else None  # [P]
+        out: dict[str, Tensor] = {"box": L.reduce_loss(box_each, pos_w)}
         lvl_w = self._level_weight  # [N]
 
         if r.has_objectness:
             obj_logits = parts[1].squeeze(-1)  # [B, N]
-            obj_pos_t = iou_pos if r.obj_target == "iou" else torch.ones_like(iou_pos)
             l_pos = self._elementwise_obj(obj_logits[b_idx, n_idx], obj_pos_t)  # [P]
             l_neg = self._elementwise_obj(obj_logits, torch.zeros_like(obj_logits))  # [B, N]
             keep = neg
             if r.neg_mining == "ohem":
                 keep = L.ohem_negative_mask(l_neg, neg, num_pos_img, r.neg_pos_ratio)
-            out["obj"] = (l_pos * lvl_w[n_idx]).sum()
-            out["noobj"] = (l_neg * (keep * lvl_w)).sum()
-            out["cls"] = self._cls_positive(cls_logits[b_idx, n_idx], a.cls_targets[b_idx, n_idx]).sum()
+            out["obj"] = L.reduce_loss(l_pos, lvl_w[n_idx])
+            out["noobj"] = L.reduce_loss(l_neg, keep * lvl_w)
+            cls_each = self._cls_positive(cls_logits[b_idx, n_idx], a.cls_targets[b_idx, n_idx])  # [P]
+            out["cls"] = L.reduce_loss(cls_each, pos_w)
         else:
             out["cls"], out["noobj"] = self._cls_dense(cls_logits, a, num_pos_img, lvl_w)
 
         out = self._normalise(out, B, P)
         weights = self._weights()
-        weighted = {k: v * weights[k] for k, v in out.items()}
+        scale = float(B) if r.scale_by_batch else 1.0  # YOLOv5 / Scaled-YOLOv4 return (lbox + lobj + lcls) * bs
+        weighted = {k: v * (weights[k] * scale) for k, v in out.items()}
         total = sum(weighted.values())
         stats = a.stats(targets.valid)
         stats["pos_iou"] = iou_pos.mean() if P else torch.zeros((), device=pred.device)
@@ -182,7 +195,7 @@ class Criterion:
         if r.cls_loss == "focal" and r.neg_mining == "none":
             row_w = torch.stack((neg * lvl_w, pos.float()), 0).flatten(1)  # [2, B*N]: negatives, positives
             sums = L.dense_focal_loss_sum(logits.flatten(0, 1), a.cls_targets.reshape(-1), row_w,
-                                          r.focal_alpha, r.focal_gamma)
+                                          r.focal_alpha, r.focal_gamma, r.label_smoothing)
             return sums[1], sums[0]
         if r.background_class:  # class 0 is background
             target = torch.where(pos, a.cls_targets + 1, torch.zeros_like(a.cls_targets))  # [B, N]
@@ -201,9 +214,34 @@ class Criterion:
         keep = neg
         if r.neg_mining == "ohem":
             keep = L.ohem_negative_mask(row, neg, num_pos_img, r.neg_pos_ratio)
-        return (row * pos).sum(), (row * (keep * lvl_w)).sum()
+        return L.reduce_loss(row, pos), L.reduce_loss(row, keep * lvl_w)
+
+    def _per_level_mean_weight(self, n_idx: Tensor) -> Tensor:
+        """``1 / (positives of the batch on the same level)`` for each positive: ``[P] -> [P]``."""
+        lvl = self.priors.level[n_idx]  # [P]
+        counts = torch.bincount(lvl, minlength=self.priors.num_levels)  # [L]
+        return 1.0 / counts[lvl].float()
 
     def _normalise(self, out: dict[str, Tensor], B: int, P: int) -> dict[str, Tensor]:
+        """Reduce the summed terms (``P`` positives in a batch of ``B`` images).
+
+        * ``sum``: as summed; ``batch``: divided by ``B``; ``positives``: divided by ``P``.
+        * ``level_mean``, the reference reduction of Scaled-YOLOv4 and YOLOv5 (ultralytics
+          yolov5 v7.0 ``utils/loss.py`` ``ComputeLoss.__call__``; WongKinYiu/ScaledYOLOv4
+          ``utils/general.py`` ``compute_loss``): per level ``i``, the box term is the mean
+          over that level's positives (``lbox += (1 - iou).mean()``), the class term the
+          mean over its positives x classes for sigmoid class losses (``lcls += BCEcls(pcls,
+          t)``), the objectness term the mean over its ``B x H x W x A`` anchors times
+          ``level_balance[i]`` (``lobj += BCEobj(pi[..., 4], tobj) * balance[i]``); each term
+          is the sum over levels, a level without positives adding 0 to box and class. The
+          per-positive ``1 / P_level`` weights are applied before the sums (``__call__``);
+          the objectness ``1 / (H W A)`` is in the level weight.
+        * ``mean``: box and class terms are one mean over all ``P`` positives pooled across
+          levels (class also over classes), objectness as ``level_mean``. Not the reference:
+          it weighs each positive, not each level, equally (the small-object level has most
+          positives), which also lowers box and class against objectness (~3x smaller than
+          ``level_mean`` on a three-level YOLO head); kept as an ablation axis.
+        """
         r = self.recipe
         if r.normalize == "sum":
             return out
@@ -211,10 +249,9 @@ class Criterion:
             return {k: v / B for k, v in out.items()}
         if r.normalize == "positives":
             return {k: v / max(P, 1) for k, v in out.items()}
-        # "mean" (YOLOv5 / Scaled-YOLOv4): box and cls are means over positives (cls also
-        # over classes); objectness terms are means over each level's anchors (already in
-        # the level weight) and over images.
         per_class = self.num_classes if (r.cls_loss in ("bce", "focal") and r.has_objectness) else 1
+        if r.normalize == "level_mean":  # box and cls already carry 1 / P_level; needs objectness (recipe check)
+            return {k: (v / per_class if k == "cls" else v if k == "box" else v / B) for k, v in out.items()}
         res = {}
         for k, v in out.items():
             if k == "box":

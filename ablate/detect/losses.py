@@ -1,22 +1,30 @@
 """Loss terms of the one-stage detector literature, as small unreduced functions.
 
 Every function returns per-element (or per-pair) losses; :func:`reduce_loss` is the one
-reduction helper. Box losses over matched pairs take ``Tensor[..., 4]`` xyxy boxes and
-return ``Tensor[...]``; fp16 inputs are computed in fp32 and every denominator has ``eps``.
+reduction helper (the criterion reduces every term through it). Box losses over matched
+pairs take ``Tensor[..., 4]`` xyxy boxes and return ``Tensor[...]``; fp16 inputs are
+computed in fp32 and every denominator has ``eps``.
+
+Where ``torchvision.ops`` has the loss with the same behaviour it is called
+(``generalized_box_iou_loss``, ``distance_box_iou_loss``, ``sigmoid_focal_loss``); written
+here is only what it lacks: the IoU loss, CIoU with eps in its aspect term, its alpha
+gate and a given alpha, EIoU, SIoU and the fused dense focal loss.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision import ops
 
 from .boxes import EPS, aspect_term, pair_geometry
 
 Reduction = Literal["none", "sum", "mean"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def _up(x: Tensor) -> Tensor:
@@ -25,7 +33,13 @@ def _up(x: Tensor) -> Tensor:
 
 
 def reduce_loss(loss: Tensor, weight: Tensor | None = None, reduction: Reduction = "sum") -> Tensor:
-    """Apply an optional elementwise ``weight`` then reduce (``none`` | ``sum`` | ``mean``)."""
+    """Apply an optional elementwise ``weight`` then reduce (``none`` | ``sum`` | ``mean``).
+
+    ``Tensor[...], Tensor[...] (broadcastable) -> Tensor[]`` (``Tensor[...]`` for ``none``);
+    the mean of no elements is 0. Any other ``reduction`` raises ``ValueError``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: unknown value {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
     if weight is not None:
         loss = loss * weight
     if reduction == "sum":
@@ -41,11 +55,19 @@ def iou_loss(pred: Tensor, target: Tensor, eps: float = EPS) -> Tensor:
     return 1.0 - pair_geometry(pred, target, eps).iou
 
 
+def _pair_up(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """fp16/bf16 pairs in fp32 (torchvision keeps half precision), target in ``pred``'s dtype."""
+    pred = _up(pred)
+    return pred, target.to(pred.dtype)
+
+
 def giou_loss(pred: Tensor, target: Tensor, eps: float = EPS) -> Tensor:
-    """GIoU loss ``1 - IoU + |C - U| / |C|`` (Rezatofighi et al., CVPR 2019). ``-> [...]``."""
-    g = pair_geometry(pred, target, eps)
-    enclose = g.enclose_w * g.enclose_h
-    return 1.0 - g.iou + (enclose - g.union) / (enclose + eps)
+    """GIoU loss ``1 - IoU + |C - U| / |C|`` (Rezatofighi et al., CVPR 2019). ``-> [...]``.
+
+    ``torchvision.ops.generalized_box_iou_loss`` (same eps in both denominators).
+    """
+    pred, target = _pair_up(pred, target)
+    return ops.generalized_box_iou_loss(pred, target, reduction="none", eps=eps)
 
 
 def _center_term(g, eps: float) -> Tensor:
@@ -55,9 +77,12 @@ def _center_term(g, eps: float) -> Tensor:
 
 
 def diou_loss(pred: Tensor, target: Tensor, eps: float = EPS) -> Tensor:
-    """DIoU loss ``1 - IoU + rho^2 / c^2`` (Zheng et al., AAAI 2020, eq. 6). ``-> [...]``."""
-    g = pair_geometry(pred, target, eps)
-    return 1.0 - g.iou + _center_term(g, eps)
+    """DIoU loss ``1 - IoU + rho^2 / c^2`` (Zheng et al., AAAI 2020, eq. 6). ``-> [...]``.
+
+    ``torchvision.ops.distance_box_iou_loss`` (eps in the IoU and the diagonal).
+    """
+    pred, target = _pair_up(pred, target)
+    return ops.distance_box_iou_loss(pred, target, reduction="none", eps=eps)
 
 
 def ciou_loss(
@@ -73,6 +98,10 @@ def ciou_loss(
     ``alpha = v / ((1 - IoU) + v)`` is computed under ``no_grad`` as in the paper.
     ``iou_gate=0.5`` sets ``alpha = 0`` where IoU < 0.5 (Zheng et al., TPAMI 2021).
     ``alpha`` may be given explicitly (used by gradient checks). ``-> [...]``.
+
+    Written here rather than ``torchvision.ops.complete_box_iou_loss`` (which it equals on
+    valid boxes, see the tests): torchvision's ``atan(w / h)`` has no eps, so a prediction
+    of zero width and height gives NaN, and it has neither the gate nor a given alpha.
     """
     g = pair_geometry(pred, target, eps)
     v = aspect_term(g, eps)
@@ -168,22 +197,26 @@ def mse_prob_loss(logits: Tensor, targets: Tensor) -> Tensor:
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float | None = 0.25, gamma: float = 2.0) -> Tensor:
     """Focal loss ``-alpha_t (1 - p_t)^gamma log(p_t)`` (Lin et al., ICCV 2017, eq. 5), elementwise.
 
-    ``alpha=None`` disables the class weighting; with ``gamma=0`` it is BCE. Targets may
-    be soft (in [0, 1]).
+    ``torchvision.ops.sigmoid_focal_loss`` on fp32 (or fp64) logits. ``alpha=None``
+    disables the class weighting; with ``gamma=0`` it is BCE. Targets may be soft (in
+    [0, 1]): ``p_t = p q + (1 - p)(1 - q)``, ``alpha_t = alpha q + (1 - alpha)(1 - q)``.
     """
     logits = _up(logits)
-    targets = targets.to(logits.dtype)
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t).clamp(min=0).pow(gamma) if gamma else ce
-    if alpha is not None:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss
+    return ops.sigmoid_focal_loss(logits, targets.to(logits.dtype), -1.0 if alpha is None else float(alpha), gamma,
+                                  reduction="none")
 
 
 #: Elements per chunk of the fused dense focal loss: its temporaries stay in cache.
 FOCAL_CHUNK = 1 << 20
+
+
+def _softplus_from_p(x: Tensor, p: Tensor) -> Tensor:
+    """``softplus(x) = x - log(sigmoid(x))`` from an already computed ``p = sigmoid(x)``.
+
+    Clamping ``p >= 1e-30`` and the result at 0 keeps far-negative logits, whose true
+    softplus is below 1e-26, finite. Returns a new tensor (the caller may work in place).
+    """
+    return torch.log(p.clamp(min=1e-30)).neg_().add_(x).clamp_(min=0)
 
 
 def _focal_neg_chunk(x: Tensor, alpha_neg: float, gamma: float) -> tuple[Tensor, Tensor]:
@@ -191,13 +224,12 @@ def _focal_neg_chunk(x: Tensor, alpha_neg: float, gamma: float) -> tuple[Tensor,
 
     ``l = a p^g softplus(x)``, ``dl/dx = a p^g (g (1-p) softplus(x) + p)`` with
     ``softplus(x) = x - log(p)`` from the same sigmoid: two vectorised transcendentals per
-    element (``log1p`` and ``where`` are several times slower on the CPU). Clamping
-    ``p >= 1e-30`` and the result at 0 keeps far-negative logits, whose true softplus is
-    below 1e-26, finite; there the loss and gradient carry a factor ``p^g`` anyway.
-    ``Tensor[r, C] -> (Tensor[r], Tensor[r, C])``.
+    element (``log1p`` and ``where`` are several times slower on the CPU). Where the
+    clamp of :func:`_softplus_from_p` acts the loss and gradient carry a factor ``p^g``
+    anyway. ``Tensor[r, C] -> (Tensor[r], Tensor[r, C])``.
     """
     p = torch.sigmoid(x)
-    sp = torch.log(p.clamp(min=1e-30)).neg_().add_(x).clamp_(min=0)  # softplus(x)
+    sp = _softplus_from_p(x, p)
     pg = p * p if gamma == 2.0 else p.pow(gamma)  # p^g
     loss = (pg * sp).sum(-1).mul_(alpha_neg)
     # g (1-p) sp + p, then times a p^g
@@ -205,54 +237,102 @@ def _focal_neg_chunk(x: Tensor, alpha_neg: float, gamma: float) -> tuple[Tensor,
     return loss, grad
 
 
+def _focal_soft_chunk(x: Tensor, q: float, alpha_q: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """Focal loss of logits against one soft target ``0 < q < 1``, per row, and its gradient.
+
+    With ``m = 1 - p_t = p + q - 2pq`` (> 0 for such ``q``) and ``ce = softplus(x) - q x``:
+    ``l = a m^g ce``, ``dl/dx = a m^(g-1) (g (1 - 2q) p (1-p) ce + m (p - q))``; ``a`` is
+    ``alpha_t`` at ``q``. ``Tensor[r, C] -> (Tensor[r], Tensor[r, C])``.
+    """
+    p = torch.sigmoid(x)
+    ce = _softplus_from_p(x, p).sub_(x, alpha=q)
+    m = p * (1.0 - 2.0 * q) + q
+    mg1 = m if gamma == 2.0 else m.pow(gamma - 1.0)  # m^(g-1)
+    loss = (mg1 * m * ce).sum(-1).mul_(alpha_q)
+    # g (1-2q) p (1-p) ce + m (p - q), then times a m^(g-1)
+    grad = (p - p * p).mul_(ce).mul_(gamma * (1.0 - 2.0 * q)).addcmul_(m, p - q).mul_(mg1).mul_(alpha_q)
+    return loss, grad
+
+
+def _alpha_at(q: float, alpha: float) -> float:
+    """``alpha_t`` of a target ``q``; ``alpha < 0`` is no weighting."""
+    return 1.0 if alpha < 0 else alpha * q + (1.0 - alpha) * (1.0 - q)
+
+
+def _focal_at(x: Tensor, q: float, alpha: float, gamma: float) -> Tensor:
+    """Differentiable focal loss of logits ``x [P]`` against the target ``q`` (``alpha < 0``: off).
+
+    The hard targets use the forms without ``(1 - p_t)`` so that ``gamma < 1`` keeps a
+    finite gradient where ``p_t -> 1``. ``-> Tensor[P]``.
+    """
+    a = _alpha_at(q, alpha)
+    p = torch.sigmoid(x)
+    if q == 1.0:
+        return a * (1 - p).pow(gamma) * F.softplus(-x)
+    if q == 0.0:
+        return a * p.pow(gamma) * F.softplus(x)
+    return a * (p + q - 2 * p * q).pow(gamma) * (F.softplus(x) - q * x)
+
+
 class _DenseFocal(torch.autograd.Function):
     """Sigmoid focal loss over ``[R, C]`` logits with one-hot targets given sparsely,
     summed per row and then over rows with ``G`` sets of row weights.
 
-    Every element is first treated as a negative; the ``P`` positive elements are then
-    corrected by gather. Loss and gradient are computed together in cache-sized chunks
-    of rows (this runs over every anchor x class in RetinaNet: ~10^8 elements), so the
-    dense work reads the logits once and writes the gradient once.
+    Every element is first treated as a negative (target ``q_neg``); the ``P`` positive
+    elements (target ``q_pos``) are then corrected by gather. Loss and gradient are
+    computed together in cache-sized chunks of rows (this runs over every anchor x class
+    in RetinaNet: ~10^8 elements), so the dense work reads the logits once; the saved
+    gradient is scaled out of place in backward, so a graph kept with ``retain_graph``
+    gives the same gradient on every backward.
+
+    First-order only: a backward with ``create_graph=True`` (second-order gradients,
+    ``gradgradcheck``) raises a ``RuntimeError`` rather than return a gradient without a
+    graph; the row weights get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, row_w: Tensor, pos_rows: Tensor, pos_cols: Tensor, alpha: float, gamma: float):  # type: ignore[override]
-        a_neg = 1.0 - alpha if alpha >= 0 else 1.0
+    def forward(ctx, logits: Tensor, row_w: Tensor, pos_rows: Tensor, pos_cols: Tensor, alpha: float, gamma: float,  # type: ignore[override]
+                q_neg: float, q_pos: float):
         R, C = logits.shape
         row_loss = logits.new_empty(R)
         grad = logits.new_empty(R, C)
         step = max(1, FOCAL_CHUNK // max(C, 1))
         with torch.no_grad():
             for i in range(0, R, step):
-                row_loss[i : i + step], grad[i : i + step] = _focal_neg_chunk(logits[i : i + step], a_neg, gamma)
+                xi = logits[i : i + step]
+                if q_neg == 0.0:
+                    row_loss[i : i + step], grad[i : i + step] = _focal_neg_chunk(xi, _alpha_at(0.0, alpha), gamma)
+                else:
+                    row_loss[i : i + step], grad[i : i + step] = _focal_soft_chunk(xi, q_neg, _alpha_at(q_neg, alpha), gamma)
             xp = logits[pos_rows, pos_cols].detach().requires_grad_(True)
         with torch.enable_grad():
-            lp, lneg_p = _focal_pos_neg(xp, alpha, gamma)
-            (gp,) = torch.autograd.grad((lp - lneg_p).sum(), xp)
-        row_loss.index_add_(0, pos_rows, (lp - lneg_p).detach())
+            corr = _focal_at(xp, q_pos, alpha, gamma) - _focal_at(xp, q_neg, alpha, gamma)  # [P]
+            (gp,) = torch.autograd.grad(corr.sum(), xp)
+        row_loss.index_add_(0, pos_rows, corr.detach())
         grad.index_put_((pos_rows, pos_cols), gp, accumulate=True)
         ctx.save_for_backward(grad, row_w)
         return row_w @ row_loss  # [G]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+            raise RuntimeError(
+                "dense_focal_loss_sum is differentiable once (analytic gradient); "
+                "create_graph=True / second-order gradients are not supported"
+            )
         grad, row_w = ctx.saved_tensors
         row_scale = grad_out @ row_w  # [R]
-        return grad.mul_(row_scale[:, None]), None, None, None, None, None
-
-
-def _focal_pos_neg(x: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
-    """Focal loss of logits ``x`` as positives and as negatives (both ``[P]``)."""
-    a_pos, a_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-    p = torch.sigmoid(x)
-    pos = a_pos * (1 - p).pow(gamma) * F.softplus(-x)
-    neg = a_neg * p.pow(gamma) * F.softplus(x)
-    return pos, neg
+        # out of place: ``grad`` is saved and a retained graph reads it again
+        return grad * row_scale[:, None], None, None, None, None, None, None, None
 
 
 def dense_focal_loss_sum(
-    logits: Tensor, cls_target: Tensor, row_weight: Tensor, alpha: float | None = 0.25, gamma: float = 2.0
+    logits: Tensor,
+    cls_target: Tensor,
+    row_weight: Tensor,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Sigmoid focal loss of every row, one-hot targets given as class indices, summed
     over rows with one or several sets of row weights.
@@ -262,17 +342,23 @@ def dense_focal_loss_sum(
         cls_target: ``Tensor[R]`` class index for positives, ``-1`` for background rows.
         row_weight: ``Tensor[R]`` or ``Tensor[G, R]`` weights per row (0 drops a row).
         alpha: focal alpha (``None``: off), gamma: focusing parameter (>= 0).
+        label_smoothing: ``eps`` in [0, 1): targets ``1 - eps/2`` and ``eps/2`` instead of
+            1 and 0 (YOLOv5's ``smooth_BCE``, as the criterion's other sigmoid paths).
 
     Returns:
         ``sum_r w[g, r] * sum_c FL(logits[r, c], onehot[r, c])``: a scalar for 1-D
-        weights, ``Tensor[G]`` for 2-D.
+        weights, ``Tensor[G]`` for 2-D. Differentiable once (see :class:`_DenseFocal`).
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing}")
     squeeze = row_weight.ndim == 1
     row_w = row_weight.float().reshape(-1, logits.shape[0])
     pos_rows = torch.nonzero(cls_target >= 0).squeeze(1)
     pos_cols = cls_target[pos_rows]
     logits = _up(logits)
-    out = _DenseFocal.apply(logits, row_w.to(logits.dtype), pos_rows, pos_cols, -1.0 if alpha is None else float(alpha), float(gamma))
+    q_neg = 0.5 * float(label_smoothing)
+    out = _DenseFocal.apply(logits, row_w.to(logits.dtype), pos_rows, pos_cols, -1.0 if alpha is None else float(alpha),
+                            float(gamma), q_neg, 1.0 - q_neg)
     return out[0] if squeeze else out
 
 

@@ -158,12 +158,13 @@ def oracle_prediction(
     its settings, no ignore mask; YOLOv1's assigner sees the priors' cell boxes as the
     current predictions), so the boxes are encoded where training puts them. An assigned
     row whose coding cannot represent its box (``decode(encode(box))`` has IoU <= 0.99
-    with it) is dropped and counted in ``unreachable``: the ``wh_ratio`` assigner, like
-    ultralytics' ``build_targets``, gives a GT whose centre lies exactly on a cell border
-    both neighbouring cells, and the one on the far side needs an offset of -1, outside
-    ``2 sigma - 0.5``'s range. A ground truth left with no row (two in one cell with the
-    same best anchor) falls back to the free row with the highest prior-box IoU among
-    those that can represent it; one that finds none is counted in ``unplaced``.
+    with it) is dropped and counted in ``unreachable``. (For a centre exactly on the border
+    between cells ``k - 1`` and ``k``, ``wh_ratio`` gives cell ``k`` (offset 0) and ``k - 1``
+    (offset 1), both within ``2 sigma - 0.5``'s range, and not ``k + 1`` (offset -1): the
+    cells of ultralytics' ``build_targets``, which lists cell ``k`` twice instead.) A ground
+    truth left with no row (two in one cell with the same best anchor) falls back to the
+    free row with the highest prior-box IoU among those that can represent it; one that
+    finds none is counted in ``unplaced``.
 
     At the chosen rows: ``t = coding.encode(box)``, objectness ``+logit``, the box's class
     ``+logit``, every other class and the background ``-logit``. Elsewhere: ``t = 0``,
@@ -194,7 +195,7 @@ def oracle_prediction(
     decoded = priors.boxes[None]  # [1, N, 4]: the yolov1 assigner's "current predictions"
     a = assign(recipe.assigner, priors, targets, decoded, pos_iou=recipe.pos_iou, neg_iou=recipe.neg_iou,
                low_quality=recipe.low_quality, min_pos_iou=recipe.min_pos_iou, iou_thresh=recipe.iou_thresh,
-               anchor_t=recipe.anchor_t)
+               anchor_t=recipe.anchor_t, reach=coding.centre_range(priors))
     matched = a.matched_gt[0].clone()  # [N], -1 where not positive
     rows = (matched >= 0).nonzero().squeeze(1)  # [P]
     ok = reachable(rows, matched[rows])

@@ -23,7 +23,7 @@ from .coding import CODINGS
 BOX_LOSSES = ("mse", "sse_sqrt", "smooth_l1", "iou", "giou", "diou", "ciou", "eiou", "siou")
 OBJ_LOSSES = ("bce", "mse", "focal")
 CLS_LOSSES = ("bce", "ce", "focal", "sse")
-NORMALIZE = ("positives", "batch", "sum", "mean")
+NORMALIZE = ("positives", "batch", "sum", "mean", "level_mean")
 CHOICES: dict[str, tuple[str, ...]] = {
     "anchors": tuple(LAYOUTS),
     "anchor_fit": ("none", "kmeans"),
@@ -31,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "assigner": ASSIGNERS,
     "box_loss": BOX_LOSSES,
     "obj_loss": OBJ_LOSSES,
-    "obj_target": ("one", "iou"),
+    "obj_target": ("one", "iou", "ciou"),
     "cls_loss": CLS_LOSSES,
     "neg_mining": ("none", "ohem"),
     "normalize": NORMALIZE,
@@ -69,7 +69,7 @@ class LossRecipe:
 
     # --- objectness (None: no objectness output, as SSD / RetinaNet)
     obj_loss: Optional[str] = "bce"
-    obj_target: str = "one"  # one | iou (detached IoU of the decoded prediction)
+    obj_target: str = "one"  # one | iou (detached IoU of the decoded prediction) | ciou (its CIoU clamped at 0, YOLOv5)
 
     # --- classification
     cls_loss: str = "bce"  # bce | ce (softmax; with a background class when obj_loss is None) | focal | sse
@@ -87,7 +87,8 @@ class LossRecipe:
     lambda_noobj: float = 1.0  # relative weight of the negatives' term (objectness, or background class)
     lambda_cls: float = 1.0
     level_balance: Optional[tuple[float, ...]] = None  # per-level weights of the negatives/objectness terms
-    normalize: str = "batch"  # positives | batch | sum | mean (YOLOv5: per-term means)
+    normalize: str = "batch"  # positives | batch | sum | mean | level_mean (see Criterion._normalise)
+    scale_by_batch: bool = False  # multiply the weighted terms by the batch size (YOLOv5 / Scaled-YOLOv4 `loss * bs`)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -138,8 +139,11 @@ class LossRecipe:
             )
         if layout.anchor_free and self.anchor_fit != "none":
             raise ValueError(f"anchor_fit: anchors={self.anchors} has no prior shapes to fit; use anchor_fit=none")
-        if self.obj_target == "iou" and self.obj_loss is None:
-            raise ValueError("obj_target: iou needs an objectness loss (obj_loss is null)")
+        if self.obj_target != "one" and self.obj_loss is None:
+            raise ValueError(f"obj_target: {self.obj_target} needs an objectness loss (obj_loss is null)")
+        if self.normalize == "level_mean" and self.obj_loss is None:
+            raise ValueError("normalize: level_mean is YOLOv5's per-level reduction of the box, objectness and class "
+                             "terms and needs an objectness loss (obj_loss is null); use mean or positives")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -276,6 +280,7 @@ PRESETS: dict[str, LossRecipe] = {
         assigner="best_anchor",  # best anchor of the centre cell by shape IoU (region layer)
         ignore_thresh=0.6,  # region layer thresh = .6: no noobj loss above it
         box_loss="mse",  # coord_scale=1 squared error on t
+        box_small_weight=True,  # region_layer.c delta_region_box: scale = coord_scale * (2 - w*h)
         obj_loss="mse",  # region layer: delta = scale * (target - sigma(x)), i.e. squared error
         obj_target="iou",  # rescore=1: objectness target is the IoU
         cls_loss="sse",  # softmax=1; delta on probabilities
@@ -319,23 +324,31 @@ PRESETS: dict[str, LossRecipe] = {
         lambda_cls=1.0,  # cls_normalizer=1.0
         normalize="batch",
     ),
-    # Scaled-YOLOv4 (Wang et al., CVPR 2021; ScaledYOLOv4 yolov4-csp, data/hyp.scratch.yaml,
-    # utils/loss.py compute_loss, same as YOLOv5).
+    # Scaled-YOLOv4 (Wang et al., CVPR 2021; WongKinYiu/ScaledYOLOv4 yolov4-csp, data/hyp.scratch.yaml,
+    # utils/general.py compute_loss; the same loss as ultralytics yolov5 v7.0 utils/loss.py ComputeLoss).
+    # Deviations from that code, each on purpose: (1) no `loss * bs` (scale_by_batch=False): the
+    # trainer's learning rate and weight decay are shared by every preset, and the reference's
+    # lr 0.01 (SGD) assumes the sum over the batch; scale_by_batch=true reproduces it (with SGD, divide
+    # lr by the batch size to keep the step). (2) One GT per (anchor, cell): where two GTs, or one GT
+    # centred exactly on a cell border, claim the same (anchor, cell), the reference keeps every copy
+    # in its per-level means (and the last tobj write wins); ablate keeps the GT with the smaller
+    # size ratio once. (3) The class term is kept with one class (the reference skips it, `nc > 1`).
     "scaled_yolov4": LossRecipe(
         name="scaled_yolov4",
         anchors="scaled_yolov4",  # yolov4-csp.yaml anchors at 640 px
         coding="scaled_yolo",  # 2 sigma - 0.5, p (2 sigma)^2
         assigner="wh_ratio",  # build_targets: wh ratio < anchor_t plus two neighbour cells
         anchor_t=4.0,  # hyp anchor_t: 4.0
-        box_loss="ciou",  # bbox_iou(..., CIoU=True)
+        box_loss="ciou",  # lbox += (1 - bbox_iou(pbox, tbox, CIoU=True)).mean()
         obj_loss="bce",
-        obj_target="iou",  # tobj = (1 - gr) + gr * iou.detach().clamp(0), gr = 1.0
-        cls_loss="bce",
-        lambda_box=0.05,  # hyp box: 0.05
+        obj_target="ciou",  # tobj = (1 - gr) + gr * ciou.detach().clamp(0), gr = 1.0: the CIoU, not the IoU
+        cls_loss="bce",  # BCEWithLogits on smooth_BCE targets (eps 0: 1 / 0)
+        lambda_box=0.05,  # hyp box (giou in hyp.scratch.yaml): 0.05
         lambda_obj=1.0,  # hyp obj: 1.0
         lambda_cls=0.5,  # hyp cls: 0.5
-        level_balance=(4.0, 1.0, 0.4),  # balance = [4.0, 1.0, 0.4] for P3-P5
-        normalize="mean",  # lbox, lcls: mean over positives; lobj: mean over anchors per level
+        level_balance=(4.0, 1.0, 0.4),  # balance = [4.0, 1.0, 0.4] for P3-P5, on the objectness term only
+        normalize="level_mean",  # per level: lbox, lcls means over its positives, lobj mean over its anchors; summed
+        scale_by_batch=False,  # the reference returns loss * bs; see (1) above
     ),
     # SSD (Liu et al., ECCV 2016, sec. 2.2; ssd.pytorch MultiBoxLoss).
     "ssd": LossRecipe(

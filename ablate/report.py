@@ -73,7 +73,8 @@ class ReportData:
     baseline: str
     metric: str
     confidence: float
-    method: str
+    method: str  # stats.METHODS: the paired intervals, p and stars
+    adjust: str  # stats.ADJUSTMENTS over the variants
     variants: list[str]  # in the store's variant order
     results: "pd.DataFrame"  # trial_results rows of the job
     curves: "pd.DataFrame"  # metric_curves rows (eval/*, loss/*, stat/*) of the job, all trials
@@ -86,7 +87,7 @@ class ReportData:
 
 
 def load_report_data(store: "Store", job_name: str, metric: str = "AP", confidence: float = 0.95,
-                     method: str = "t") -> ReportData:
+                     method: str = "t", adjust: str = "holm") -> ReportData:
     """Read one job's rows from ``store`` and compute the comparison (ReportError when there is none)."""
     from sqlalchemy import select, text
 
@@ -137,7 +138,7 @@ def load_report_data(store: "Store", job_name: str, metric: str = "AP", confiden
 
     # the baseline as ``ablate results`` picks it, so that the numbers are the same
     baseline = next(b for b in (job.baseline, spec_baseline, variants[0]) if b in variants)
-    table = compare(results, curves, baseline, metric=metric, confidence=confidence, method=method)
+    table = compare(results, curves, baseline, metric=metric, confidence=confidence, method=method, adjust=adjust)
     counted_ids = set(results.loc[results["state"].isin(COUNTED), "trial_id"].astype(int))
 
     # the MLflow experiment of each trial's run: this job's, or for a reused trial its source's job's
@@ -155,15 +156,16 @@ def load_report_data(store: "Store", job_name: str, metric: str = "AP", confiden
         experiments[tid] = source_exp.get(sources[tid]) if tid in sources else job.mlflow_experiment_id
 
     return ReportData(job=job, store_url=display_url(store.url), baseline=baseline, metric=metric,
-                      confidence=confidence, method=method, variants=variants, results=results, curves=curves,
+                      confidence=confidence, method=method, adjust=adjust, variants=variants, results=results, curves=curves,
                       table=table, trials=trials, counted_ids=counted_ids, overrides=overrides,
                       spec_note=spec_note, experiments=experiments)
 
 
 def build_report(store: "Store", job_name: str, *, metric: str = "AP", confidence: float = 0.95, method: str = "t",
-                 mlflow_ui: Optional[str] = DEFAULT_MLFLOW_UI) -> str:
-    """The report page of ``job_name`` as one HTML text (``mlflow_ui`` None or "": no run links)."""
-    return render_report(load_report_data(store, job_name, metric, confidence, method), mlflow_ui=mlflow_ui)
+                 adjust: str = "holm", mlflow_ui: Optional[str] = DEFAULT_MLFLOW_UI) -> str:
+    """The report page of ``job_name`` as one HTML text (``mlflow_ui`` None or "": no run links); ``method``
+    and ``adjust`` as in :func:`ablate.stats.compare`."""
+    return render_report(load_report_data(store, job_name, metric, confidence, method, adjust), mlflow_ui=mlflow_ui)
 
 
 def write_report(store: "Store", job_name: str, out: Path, **kw: Any) -> Path:
@@ -198,17 +200,17 @@ def _f(x: Any) -> float:
 
 def _fmt(x: Any, digits: int = 3, sign: bool = False) -> str:
     v = _f(x)
+    if math.isinf(v):  # an interval the method cannot bound (a sign-flip test on few pairs)
+        return ("+∞" if sign else "∞") if v > 0 else "−∞"
     if not math.isfinite(v):
         return NA
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
-def _fmt_p(p: Any, method: str = "t") -> str:
-    """A p-value as ``ablate results`` prints it: 3 significant digits; a bootstrap 0 as "<1e-4"."""
+def _fmt_p(p: Any) -> str:
+    """A p-value as ``ablate results`` prints it: 3 significant digits."""
     v = _f(p)
-    if not math.isfinite(v):
-        return NA
-    return "<1e-4" if v == 0 and method == "bootstrap" else f"{v:.3g}"
+    return f"{v:.3g}" if math.isfinite(v) else NA
 
 
 def _val(col: str, x: Any, text: str) -> str:
@@ -224,7 +226,7 @@ def _mean_ci(row: Any, col: str, digits: int = 3, sign: bool = False, block: boo
     out = _val(col, mean, _fmt(mean, digits, sign))
     if not math.isfinite(mean):
         return out
-    if math.isfinite(low) and math.isfinite(high):
+    if not (math.isnan(low) or math.isnan(high)):  # ±inf: unbounded, shown as such
         ci = (f"[{_val(col + '_low', low, _fmt(low, digits, sign))}, "
               f"{_val(col + '_high', high, _fmt(high, digits, sign))}]")
     else:
@@ -461,8 +463,9 @@ def _header(data: ReportData, ui: Optional[str]) -> str:
         ("state", _e(job.state)),
         ("baseline", f"<code>{_e(data.baseline)}</code>"),
         ("headline metric", f"{_e(data.metric)} (COCO, final evaluation of each trial)"),
-        ("statistics", f"{data.confidence:.0%} intervals ({'Student t' if data.method == 't' else 'bootstrap'}), "
-                       "differences paired by seed"),
+        ("statistics", f"differences paired by seed; their {data.confidence:.0%} intervals, p and * from one "
+                       f"method: {_e(_method_text(data.method))}; p adjusted over the variants: "
+                       f"{_e(_adjust_text(data.adjust))}"),
         ("trials", f"{n_trials}: " + _e(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))),
         ("created", _e(str(job.created_at)[:19])),
         ("results store", f"<code>{_e(data.store_url)}</code>"),
@@ -492,11 +495,29 @@ def _display(uri: Optional[str]) -> str:
     return display_url(uri) if "://" in uri else uri
 
 
+def _method_text(method: str) -> str:
+    from .stats import METHOD_NAMES
+
+    return METHOD_NAMES[method] + (" (10,000 resamples, fixed seed)" if method == "bootstrap" else "")
+
+
+def _adjust_text(adjust: str) -> str:
+    from .stats import ADJUST_NAMES
+
+    return ADJUST_NAMES[adjust]
+
+
 def _results_section(data: ReportData, colors: dict[str, str]) -> str:
+    from .stats import significance_note
+
     m, conf = data.metric, f"{data.confidence:.0%}"
+    alpha = f"{1 - data.confidence:.2g}"
+    adj = data.adjust != "none"
     headers = [("variant", False), ("seeds", True), ("not averaged", True), (f"{_e(m)} mean [{conf} CI]", True),
-               (f"Δ{_e(m)} vs {_e(data.baseline)} [{conf} CI]", True), ("p", True), ("sig.", True),
-               ("AUC of AP [CI]", True), ("epochs to 90%", True), ("final − best", True), ("note", False)]
+               (f"sd of {_e(m)}", True), (f"Δ{_e(m)} vs {_e(data.baseline)} [{conf} CI]", True), ("d<sub>z</sub>", True),
+               ("p", True)] + ([("p adj.", True)] if adj else []) + [
+               ("sig.", True), ("AUC of AP [CI]", True), ("epochs to 90%", True), ("final − best", True),
+               ("note", False)]
     rows = []
     notes = []
     for _, r in data.table.iterrows():
@@ -512,18 +533,20 @@ def _results_section(data: ReportData, colors: dict[str, str]) -> str:
         if int(r.get("failed", 0)):
             bad.append(_val("failed", r["failed"], f"{int(r['failed'])} failed"))
         bad_html = "<br>".join(bad) or '<span class="na">0</span>'
+        sd = _val(f"{m}_std", r.get(f"{m}_std"), _fmt(r.get(f"{m}_std")))
         if base:
             diff = '<span class="na">baseline</span>'
-            p = sig = f'<span class="na">{NA}</span>'
+            dz = p = p_adj = sig = f'<span class="na">{NA}</span>'
         else:
             diff = _mean_ci(r, f"{m}_diff", sign=True, block=True)
-            p = _val(f"{m}_p", r.get(f"{m}_p"), _fmt_p(r.get(f"{m}_p"), data.method))
-            sig_v = r.get(f"{m}_sig")
-            if _isnan(r.get(f"{m}_diff_low")):
-                sig = f'<span class="na">{NA}</span>'
-            elif bool(sig_v):
+            dz = _val(f"{m}_dz", r.get(f"{m}_dz"), _fmt(r.get(f"{m}_dz"), 2, True))
+            p = _val(f"{m}_p", r.get(f"{m}_p"), _fmt_p(r.get(f"{m}_p")))
+            p_adj = _val(f"{m}_p_adj", r.get(f"{m}_p_adj"), _fmt_p(r.get(f"{m}_p_adj")))
+            if _isnan(r.get(f"{m}_p_adj")):
+                sig = f'<span class="na" data-col="{_e(m)}_sig" data-value="False" title="no p">{NA}</span>'
+            elif bool(r.get(f"{m}_sig")):
                 sig = (f'<span class="sig" data-col="{_e(m)}_sig" data-value="True" '
-                       f'title="the {conf} interval of the difference excludes 0">*</span>')
+                       f'title="{"adjusted " if adj else ""}p &lt; {alpha}">*</span>')
             else:
                 sig = f'<span data-col="{_e(m)}_sig" data-value="False" title="not significant">no</span>'
         fmb = r.get("final_minus_best")
@@ -531,8 +554,9 @@ def _results_section(data: ReportData, colors: dict[str, str]) -> str:
         note_html = "" if note is None or _isnan(note) else _e(note)
         rows.append(
             f'<tr data-variant="{_e(v)}"><td>{name}</td><td class="num">{seeds}</td><td class="num">{bad_html}</td>'
-            f'<td class="num">{_mean_ci(r, m, block=True)}</td><td class="num">{diff}</td>'
-            f'<td class="num">{p}</td><td class="num">{sig}</td>'
+            f'<td class="num">{_mean_ci(r, m, block=True)}</td><td class="num">{sd}</td><td class="num">{diff}</td>'
+            f'<td class="num">{dz}</td><td class="num">{p}</td>'
+            + (f'<td class="num">{p_adj}</td>' if adj else "") + f'<td class="num">{sig}</td>'
             f'<td class="num">{_mean_ci(r, "auc", block=True)}</td>'
             f'<td class="num">{_val("epochs_to_90", r.get("epochs_to_90"), _fmt(r.get("epochs_to_90"), 1))}</td>'
             f'<td class="num">{_val("final_minus_best", fmb, _fmt(fmb, 3, True))}</td>'
@@ -549,14 +573,22 @@ def _results_section(data: ReportData, colors: dict[str, str]) -> str:
                if errors.get(int(t.trial_id)) else "") + "</li>"
             for t in excluded)
         ex_html = f"<h3>Trials not averaged</h3><ul id=\"not-averaged\">{items}</ul>"
-    caption = (f"Mean over the seeds whose trial finished; [low, high] is the {conf} confidence interval across "
-               f"seeds ({'Student t' if data.method == 't' else 'percentile bootstrap'}). Δ is the mean of the "
-               f"per-seed differences from the baseline (seeds pair: same data order and initialisation), p the "
-               f"paired test's p-value, * where the interval of Δ excludes 0. AUC: area under each trial's eval/AP "
-               f"curve over epochs divided by the epoch span; epochs to 90%: first epoch reaching 90% of the final "
-               f"AP; final − best: how much AP the last evaluation lost against the best one. "
-               f"With one seed there is no interval. {NA}: no value.")
-    return ('<section id="results"><h2>Results</h2>'
+    others = data.table[~data.table["is_baseline"].astype(bool)]
+    warn = significance_note([int(x) for x in others["pairs"]], data.method, data.confidence, data.adjust, m)
+    warn_html = f'<p class="banner" id="significance-note">{_e(warn)}</p>' if warn else ""
+    k = len(others)
+    caption = (f"Mean over the seeds whose trial finished, with its {conf} interval across seeds "
+               f"({'BCa bootstrap' if data.method == 'bootstrap' else 'Student t'}); sd: the seed-to-seed standard "
+               f"deviation, the noise a Δ should be compared with. Δ is the mean of the per-seed differences from "
+               f"the baseline (seeds pair: same data order and initialisation); its interval, p and * all come from "
+               f"one method, the {_e(_method_text(data.method))}. d<sub>z</sub>: mean / sd of the differences. "
+               + (f"The p of the {k} variant(s) against the baseline are adjusted for multiplicity "
+                  f"({_e(_adjust_text(data.adjust))}); * where the adjusted p &lt; {alpha}. " if adj else
+                  f"No multiplicity adjustment: * where p &lt; {alpha}. ")
+               + "AUC: area under each trial's eval/AP curve over epochs divided by the epoch span; epochs to 90%: "
+               "first epoch reaching 90% of the final AP; final − best: how much AP the last evaluation lost against "
+               f"the best one. With one seed there is no interval; ±∞: the method cannot bound it. {NA}: no value.")
+    return ('<section id="results"><h2>Results</h2>' + warn_html
             + _table(headers, rows, "results-table", caption)
             + (f"<ul class=\"notes\">{''.join(notes)}</ul>" if notes else "") + ex_html + "</section>")
 

@@ -131,13 +131,15 @@ def check_table_matches(page: str, rows: list[dict], metric: str = "AP") -> None
             if col in cells:
                 assert same(cells[col], r[col]), (r["variant"], col, cells[col], r[col])
         assert same(cells[metric], r[metric])
+        if r[f"{metric}_std"] is not None:
+            assert same(cells[f"{metric}_std"], r[f"{metric}_std"])  # the seed-to-seed sd beside the mean
         if not r["is_baseline"]:
-            for col in (f"{metric}_diff", f"{metric}_p"):
+            for col in (f"{metric}_diff", f"{metric}_p", f"{metric}_p_adj", f"{metric}_dz"):
                 assert same(cells[col], r[col]), (r["variant"], col)
+            assert cells[f"{metric}_sig"] == str(bool(r[f"{metric}_sig"]))  # the star: adjusted p
             if r[f"{metric}_diff_low"] is not None and not math.isnan(float(r[f"{metric}_diff_low"])):
                 assert same(cells[f"{metric}_diff_low"], r[f"{metric}_diff_low"])
                 assert same(cells[f"{metric}_diff_high"], r[f"{metric}_diff_high"])
-                assert cells[f"{metric}_sig"] == str(bool(r[f"{metric}_sig"]))
     # and the formatted text: the mean with three decimals in the variant's row
     m = re.search(r'<table id="results-table">(.*?)</table>', page, re.S).group(1)
     for r in rows:
@@ -287,6 +289,28 @@ def test_cli_writes_the_file_creating_folders_and_fails_in_one_line(tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert len(res.output.strip().splitlines()) == 1 and res.output.startswith("error:"), res.output
     assert "no job named 'nope'" in runner.invoke(app, ["report", "nope", "--store", store.url]).output
+
+
+def test_report_on_two_seeds_names_the_method_stars_nothing_and_says_the_seeds_needed(tmp_path):
+    _, store = make_store(tmp_path, name="two", seeds=(0, 1), diverged=("none", -1))
+    runner = CliRunner()
+    for args, need, name in ((["--bootstrap"], 10, "BCa bootstrap"), (["--method", "signflip"], 6,
+                                                                       "exact sign-flip permutation test")):
+        out = tmp_path / f"{args[-1]}.html"
+        res = runner.invoke(app, ["report", "two", "-o", str(out), "--store", store.url, *args])
+        assert res.exit_code == 0, res.output
+        page = out.read_text()
+        method = "bootstrap" if "--bootstrap" in args else "signflip"
+        rows = compare(store.results("two"), store.curves("two"), "mse", method=method).to_dict("records")
+        check_table_matches(page, rows)
+        # ciou is +0.05 on both seeds: every difference has one sign, yet no star
+        assert table_values(page, "results-table")["ciou"]["AP_sig"] == "False" and 'class="sig"' not in page
+        note = re.search(r'<p class="banner" id="significance-note">(.*?)</p>', page, re.S).group(1)
+        assert f"a significant result needs at least {need} seeds" in note
+        assert name in page and "Holm" in page
+    res = runner.invoke(app, ["report", "two", "-o", str(tmp_path / "x.html"), "--store", store.url,
+                              "--method", "wilcoxon"])
+    assert res.exit_code == 2 and "--method" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- dashboards/README.md

@@ -80,7 +80,7 @@ LEFT JOIN (
                          THEN t.reused_from ELSE t.id END;
 
 -- metric_curves: every recorded point of every curve, one row per
--- (trial, name, step): losses per epoch ('loss/box', 'loss/obj', ...),
+-- (trial, name, step): loss terms ('loss/box', ...) per logged step (every train.log_every steps),
 -- 'lr', and the evaluations ('eval/AP', ...). value is NULL where is_nan.
 CREATE VIEW metric_curves AS
 SELECT

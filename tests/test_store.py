@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -168,20 +169,23 @@ def test_session_commits_or_rolls_back(store):
     assert store.get_job("kept").name == "kept"
 
 
+NEXT_REVISION = f"{int(SCHEMA_REVISION) + 1:04d}"  # what a newer ablate would carry
+
+
 def _fake_newer_migrations(tmp_path: Path) -> Path:
-    """A copy of the packaged migrations plus a revision 0002 (what a newer ablate would carry)."""
-    copy = tmp_path / "migrations_0002"
+    """A copy of the packaged migrations plus one revision past this ablate's head."""
+    copy = tmp_path / f"migrations_{NEXT_REVISION}"
     shutil.copytree(store_db.MIGRATIONS_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "versions" / "0002_metric_name_index.py").write_text(textwrap.dedent('''
+    (copy / "versions" / f"{NEXT_REVISION}_metric_name_index.py").write_text(textwrap.dedent(f'''
         """Index metrics by name.
 
-        Revision ID: 0002
-        Revises: 0001
+        Revision ID: {NEXT_REVISION}
+        Revises: {SCHEMA_REVISION}
         """
         from alembic import op
 
-        revision = "0002"
-        down_revision = "0001"
+        revision = "{NEXT_REVISION}"
+        down_revision = "{SCHEMA_REVISION}"
         branch_labels = None
         depends_on = None
 
@@ -197,27 +201,28 @@ def _fake_newer_migrations(tmp_path: Path) -> Path:
 
 
 def test_store_at_another_schema_revision_is_refused(url, tmp_path, monkeypatch):
-    open_store(url).close()  # at 0001, this ablate's head
+    open_store(url).close()  # at SCHEMA_REVISION, this ablate's head
     packaged = store_db.MIGRATIONS_DIR
     shown = sa.make_url(url).render_as_string(hide_password=True)
+    head, nxt = SCHEMA_REVISION, NEXT_REVISION
 
-    # an ablate that needs 0002 meets a store at 0001
+    # an ablate that needs the next revision meets a store at this one
     monkeypatch.setattr(store_db, "MIGRATIONS_DIR", _fake_newer_migrations(tmp_path))
     with pytest.raises(StoreError) as refused:
         open_store(url)  # create=True does not upgrade an existing store behind the user's back
-    assert str(refused.value) == (f"store {shown} is at schema 0001, this ablate needs 0002: "
+    assert str(refused.value) == (f"store {shown} is at schema {head}, this ablate needs {nxt}: "
                                   f"run `ablate db upgrade --store {shown}`")
-    assert upgrade(url) == "0002"
+    assert upgrade(url) == nxt
     newer = open_store(url, create=False)
     with newer.engine.connect() as conn:
         assert "ix_metrics_name" in {i["name"] for i in sa.inspect(conn).get_indexes("metrics")}
     newer.close()
 
-    # this ablate (head 0001) meets the store a newer ablate upgraded
+    # this ablate meets the store a newer ablate upgraded
     monkeypatch.setattr(store_db, "MIGRATIONS_DIR", packaged)
     with pytest.raises(StoreError) as refused:
         open_store(url)
-    assert str(refused.value) == (f"store {shown} is at schema 0002, unknown to this ablate (which needs 0001): "
+    assert str(refused.value) == (f"store {shown} is at schema {nxt}, unknown to this ablate (which needs {head}): "
                                   f"it was written by a newer ablate; upgrade ablate")
     with pytest.raises(StoreError, match="unknown to this ablate"):
         upgrade(url)
@@ -419,63 +424,208 @@ WRITES = [
     "select set_config('default_transaction_read_only', 'off', false)",
     "",
 ]
+# PostgreSQL: what a superuser login could read (issue 11), spelled past any list of names
+SERVER_FILE_READS = [
+    "select \"pg_read_file\"('/etc/passwd', 0, 40)",
+    "select U&\"pg\\005fread_file\"('/etc/passwd', 0, 40)",
+    # leave a role entered with SET ROLE, then read through dynamic SQL
+    "select set_config('role', 'none', true), query_to_xml('select pg_read_file(''/etc/passwd'', 0, 40) as f', "
+    "true, false, '')",
+]
+
+
+def _query(url: str, sql: str, *extra: str):
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    return CliRunner().invoke(app, ["query", sql, "--store", url, "--format", "csv", *extra])
 
 
 def test_query_returns_columns_and_rows(store):
+    from ablate.store.readonly import run_query
+
     _job(store)
     trials = store.ensure_trials("box_losses", _trials())
     store.add_metrics(trials[0].id, _eval_rows(10, 1, 0.5))
-    cols, rows = store.query(
-        "-- final AP per variant\n"
-        'SELECT variant, seed, "AP" FROM trial_results WHERE job = \'box_losses\' AND variant LIKE \'g%\' '
-        "ORDER BY seed;")
+    cols, rows = run_query(store, "-- final AP per variant\n"
+                           'SELECT variant, seed, "AP" FROM trial_results WHERE job = \'box_losses\' AND variant '
+                           "LIKE 'g%' ORDER BY seed;")
     assert cols == ["variant", "seed", "AP"]
     assert rows == [("giou", 0, pytest.approx(0.5)), ("giou", 1, None)]
-    cols, rows = store.query("with n as (select count(*) as n from metrics) select n, 'a;b' as s from n")
+    cols, rows = run_query(store, "with n as (select count(*) as n from metrics) select n, 'a;b' as s from n")
     assert (cols, rows) == (["n", "s"], [(12, "a;b")])
+    # classified by its structure, not by its words: an alias may be called load, copy or lock
+    cols, rows = run_query(store, "select count(*) as load, count(*) as copy, 1 as lock from trials")
+    assert (cols, rows) == (["load", "copy", "lock"], [(4, 4, 1)])
     with pytest.raises(StoreError, match="query failed: .*no_such_table"):
-        store.query("select * from no_such_table")
+        run_query(store, "select * from no_such_table")
     store.update_trial(trials[0].id, state="running")  # the store is still writable afterwards
+    # the command line: a plain SELECT over the views
+    r = _query(store.url, 'select job, variant, n_trials from variant_summary order by variant')
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == ["job,variant,n_trials", "box_losses,ciou,2", "box_losses,giou,2"]
 
 
 def test_query_refuses_writes_and_leaves_the_store_untouched(store, monkeypatch):
+    from ablate.store import readonly
+    from ablate.store.readonly import run_query
+
     _job(store)
     trials = store.ensure_trials("box_losses", _trials())
     store.add_metrics(trials[0].id, _eval_rows(10, 1, 0.5))
     before = _snapshot(store)
+    dialect = store.engine.dialect.name
     for sql in WRITES:
         with pytest.raises(StoreError) as refused:
-            store.query(sql)
+            run_query(store, sql)
+        if dialect == "sqlite" and "set_config" in sql:  # not a SQLite function at all
+            assert str(refused.value) == "query failed: no such function: set_config"
+            continue
         assert str(refused.value).startswith("query refused: ") and "\n" not in str(refused.value), sql
     assert _snapshot(store) == before
 
-    # the second guard alone: with the statement check switched off, the read-only
-    # connection still stops every write
-    import ablate.store.store as store_module
-
-    monkeypatch.setattr(store_module, "check_select", lambda sql, dialect: sql)
-    dialect = store.engine.dialect.name
-    unchecked = ["delete from trials", "update trials set state = 'finished'", "DROP TABLE metrics",
-                 "insert into variants (job_id, name, overrides_json) values (1, 'x', '{}')",
-                 "create table t2 (x int)"]
+    # the privileges alone: with the statement check switched off, every write is still refused,
+    # named by the database (the authorizer on SQLite, the reader role on PostgreSQL)
+    monkeypatch.setattr(readonly, "check_select", lambda sql, dialect: sql)
+    # (PostgreSQL checks READ ONLY before the privileges: test_pg_reader_role_has_select_on_the_store_only
+    # shows the role alone may not write)
+    read_only = "cannot execute {} in a read-only transaction"
+    unchecked = {"delete from trials": ("not allowed: write (delete) to table trials", read_only.format("DELETE")),
+                 "update trials set state = 'finished'": ("not allowed: write (update) to table trials",
+                                                          read_only.format("UPDATE")),
+                 "DROP TABLE metrics": ("not allowed: drop (a schema change)", read_only.format("DROP TABLE")),
+                 "insert into variants (job_id, name, overrides_json) values (1, 'x', '{}')": (
+                     "not allowed: write (insert) to table variants", read_only.format("INSERT")),
+                 "create table t2 (x int)": ("not allowed: create (a schema change)", read_only.format("CREATE TABLE"))}
     if dialect == "postgresql":
-        unchecked += ["with gone as (delete from trials returning id) select * from gone",
-                      "select 1; delete from trials", "select * into trials_copy from trials",
-                      "select nextval('trials_id_seq')"]
+        unchecked.update({"with gone as (delete from trials returning id) select * from gone": (
+            "", read_only.format("SELECT")),
+            "select nextval('trials_id_seq')": ("", "permission denied for sequence trials_id_seq")})
     else:
-        unchecked += ["select 1; delete from trials", "pragma writable_schema=1"]
-    for sql in unchecked:
-        try:
-            store.query(sql)
-        except StoreError as e:
-            assert str(e).startswith("query "), sql
-        else:
-            # only a PRAGMA that merely reads (SQLite answers it without writing) may pass
-            assert sql.startswith("pragma"), sql
+        unchecked.update({"pragma writable_schema=1": ("not allowed: pragma writable_schema = 1", ""),
+                          "pragma query_only = 0": ("not allowed: pragma query_only = 0", ""),
+                          "attach database 'other.db' as other": ("not allowed: attach other.db", "")})
+    for sql, (on_sqlite, on_pg) in unchecked.items():
+        with pytest.raises(StoreError) as refused:
+            run_query(store, sql)
+        assert str(refused.value).startswith("query refused: " + (on_pg if dialect == "postgresql" else on_sqlite)), \
+            (sql, str(refused.value))
     assert _snapshot(store) == before
     monkeypatch.undo()
-    store.update_trial(trials[0].id, state="finished")  # the pooled connection is writable again
+    store.update_trial(trials[0].id, state="finished")  # the writer's connections are untouched
     assert store.get_trial(trials[0].id).state == "finished"
+
+
+def test_query_reads_only_the_stores_tables_and_views(store):
+    """Another table in the same database is not the store's: the reader may not read it."""
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE other_secrets (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO other_secrets VALUES (42)")
+    r = _query(store.url, "select x from other_secrets")
+    assert r.exit_code == 2 and "42" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    if store.engine.dialect.name == "postgresql":
+        assert "query refused: permission denied for table other_secrets" in r.output
+    else:
+        assert "query refused: not allowed: read of other_secrets" in r.output
+    assert _query(store.url, "select count(*) from trials").exit_code == 0
+
+
+def test_pg_query_cannot_read_server_files(pg_database):
+    url = _pg_schema_url(pg_database)
+    open_store(url).close()
+    for sql in SERVER_FILE_READS:
+        r = _query(url, sql)
+        assert r.exit_code == 2 and "root:" not in r.output, (sql, r.output)
+        assert "query refused: permission denied for function pg_read_file" in r.output, (sql, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+
+
+def test_pg_reader_role_has_select_on_the_store_only(pg_database):
+    from ablate.store.readonly import READER_ROLE, open_reader
+
+    url = _pg_schema_url(pg_database)
+    store = open_store(url)
+    try:
+        with store.engine.connect() as conn:
+            can = {(name, priv): conn.exec_driver_sql(
+                f"SELECT has_table_privilege('{READER_ROLE}', '{name}', '{priv}')").scalar()
+                for name in ("trials", "metrics", "trial_results", "variant_summary") for priv in ("SELECT", "INSERT")}
+            assert not conn.exec_driver_sql(
+                f"SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles WHERE rolname = '{READER_ROLE}'").scalar()
+        assert can == {k: k[1] == "SELECT" for k in can}
+        # the other read commands (results, report, status) read as the role, with a statement timeout
+        reader = open_reader(url, timeout=7)
+        try:
+            with reader.engine.connect() as conn:
+                row = conn.exec_driver_sql("SELECT current_user, current_setting('statement_timeout'), "
+                                           "current_setting('transaction_read_only')").one()
+            assert tuple(row) == (READER_ROLE, "7s", "on")
+            assert reader.list_jobs() == []
+            with pytest.raises(sa.exc.DBAPIError, match="permission denied for table jobs|read-only transaction"):
+                with reader.session() as s:
+                    s.execute(sa.text("DELETE FROM jobs"))
+        finally:
+            reader.close()
+    finally:
+        store.close()
+
+
+def test_pg_runaway_query_is_cancelled_on_the_server(pg_database):
+    """The client dies; the server still stops the statement after --timeout."""
+    url = _pg_schema_url(pg_database)
+    open_store(url).close()
+    marker = f"runaway_{uuid.uuid4().hex[:8]}"
+    sql = f"select count(*) as {marker} from generate_series(1, 3000000000)"
+    proc = subprocess.Popen([sys.executable, "-c", "from ablate.cli import app; app()", "query", sql, "--store", url, "--timeout", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    admin = sa.create_engine(pg_database, isolation_level="AUTOCOMMIT")
+    running = sa.text("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND strpos(query, :m) > 0"
+                      ).bindparams(m=f"{marker} from")
+    try:
+        with admin.connect() as conn:
+            deadline = time.monotonic() + 30
+            while conn.execute(running).scalar() == 0:
+                assert time.monotonic() < deadline and proc.poll() is None, "the query never started"
+                time.sleep(0.1)
+            proc.kill()  # the client is gone; the statement is not
+            proc.wait()
+            started = time.monotonic()
+            while conn.execute(running).scalar() and time.monotonic() - started < 15:
+                time.sleep(0.2)
+            assert conn.execute(running).scalar() == 0, "still running 15 s after its client died"
+    finally:
+        with admin.connect() as conn:  # the old code leaves it running: do not leave it behind
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE strpos(query, :m) > 0 AND pid <> pg_backend_pid()"), {"m": f"{marker} from"})
+        admin.dispose()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sqlite_runaway_query_stops_at_the_timeout(tmp_path):
+    url = f"sqlite:///{tmp_path / 'ablate.db'}"
+    open_store(url).close()
+    started = time.monotonic()
+    r = _query(url, "with recursive r(n) as (select 1 union all select n + 1 from r) select count(*) from r",
+               "--timeout", "1")
+    assert r.exit_code == 2 and r.output.strip() == "error: query exceeded --timeout 1 s", r.output
+    assert time.monotonic() - started < 20
+
+
+def test_read_commands_take_a_timeout(tmp_path):
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    url = f"sqlite:///{tmp_path / 'ablate.db'}"
+    open_store(url).close()
+    for cmd in (["status"], ["results", "j"], ["report", "j", "-o", str(tmp_path / "r.html")], ["query", "select 1"]):
+        r = CliRunner().invoke(app, [*cmd, "--store", url, "--timeout", "0"])
+        assert r.exit_code == 2 and r.output.strip() == "error: --timeout: 0 is not a positive number of seconds", \
+            (cmd, r.output)
+    assert CliRunner().invoke(app, ["status", "--store", url, "--timeout", "5"]).exit_code == 0
 
 
 # --- SQLite specifics --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 DEFAULT_URL = "sqlite:///ablate.db"
-SCHEMA_REVISION = "0001"  # head of ablate/store/migrations/versions (a test checks it)
+SCHEMA_REVISION = "0002"  # head of ablate/store/migrations/versions (a test checks it)
 VERSION_TABLE = "ablate_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ABLATE_TABLES = ("jobs", "variants", "trials", "metrics")
@@ -197,7 +197,9 @@ def upgrade(url: str, revision: str = "head") -> str:
 
     Refuses (StoreError) a database with ablate-named tables but no revision, and
     one at a revision this ablate does not know. ``revision`` may name an older
-    revision (tests, staged upgrades).
+    revision (tests, staged upgrades). On PostgreSQL it then grants the reader role
+    ``ablate_reader`` SELECT on the store's tables and views, creating the role when
+    the user may (``readonly.grant_reader``; the read commands use it).
     """
     u = parse_url(url)
     in_memory = u.get_backend_name() == "sqlite" and _sqlite_file(u) is None
@@ -218,6 +220,9 @@ def upgrade_engine(engine: Engine, url: str, revision: str = "head") -> str:
             from alembic import command
 
             command.upgrade(alembic_config(conn), revision)
+            from .readonly import grant_reader
+
+            grant_reader(conn)  # PostgreSQL: the read commands' role (after the migrations: views recreated)
             return current_revision(conn) or ""
     except StoreError:
         raise

@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``ablate bench loss``.
+"""Benchmarks that print figures: ``ablate bench loss`` and ``ablate bench train``.
 
 The loss benchmark times, for each preset, assignment + loss forward + backward on a
 batch of random head outputs with the preset's own head layout, and in the same run a
@@ -157,16 +157,35 @@ def _train_one(config_json: str) -> dict:
     return {"preset": config.preset, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
 
 
+def bench_configs(base, presets: list[str]) -> list:
+    """``base`` (a TrialConfig) once per preset: the preset's recipe with ``base.recipe`` (the
+    config's ``recipe:`` and ``--set recipe.*``) applied over it, validated per preset. A recipe
+    override that a preset cannot take is a :class:`~ablate.config.ConfigError` naming both."""
+    from pydantic import ValidationError
+
+    from .config import ConfigError, TrialConfig
+
+    configs = []
+    for p in presets:
+        try:
+            configs.append(TrialConfig.model_validate({**base.model_dump(), "preset": p, "name": f"bench-{p}"}))
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"recipe overrides {base.recipe} do not fit preset {p}: {msg}") from None
+    return configs
+
+
 def bench_train(base, presets: list[str], parallel: int = 1,
                 progress: Callable[[str], None] | None = None) -> list[TrainBenchRow]:
-    """Train ``base`` (a TrialConfig) once per preset with the same data, model and budget."""
+    """Train ``base`` (a TrialConfig) once per preset with the same data, model, budget and recipe
+    overrides (:func:`bench_configs`)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     from .train import build_data
 
+    configs = bench_configs(base, presets)  # refused before any data is generated
     build_data(base, progress)  # generate the synthetic set once, before the workers start
-    configs = [base.model_copy(update={"preset": p, "recipe": {}, "name": f"bench-{p}"}) for p in presets]
     rows: dict[str, TrainBenchRow] = {}
     with cf.ProcessPoolExecutor(max_workers=parallel, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_train_one, c.model_dump_json()): c.preset for c in configs}

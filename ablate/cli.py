@@ -137,7 +137,8 @@ def bench_train_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures as JSON."),
 ) -> None:
     """Train the quickstart configuration once per preset (same data, detector and budget) and
-    print each preset's AP50, AP, training time and images per second."""
+    print each preset's AP50, AP, training time and images per second. Recipe overrides (the
+    config's `recipe:`, `--set recipe.box_loss=ciou`) apply over every preset's recipe."""
     import json
 
     from .bench import bench_train, environment, goal_line
@@ -156,12 +157,14 @@ def bench_train_cmd(
     except ConfigError as e:
         fail(str(e))
     err.print(f"bench train: {', '.join(names)} on {config_path} ({base.train.epochs} epochs, "
-              f"{base.threads or 'default'} thread(s) each, {parallel} at once)", highlight=False)
+              f"{base.threads or 'default'} thread(s) each, {parallel} at once"
+              f"{f', recipe overrides {base.recipe} on every preset' if base.recipe else ''})", highlight=False)
     try:
         rows = bench_train(base, names, parallel, progress=lambda m: err.print(m, highlight=False))
-    except (DatasetError, FileExistsError) as e:
+    except (DatasetError, FileExistsError, ConfigError) as e:
         fail(str(e))
-    table = Table(title=f"train: {config_path}, {base.train.epochs} epochs, threads {base.threads or 'default'}")
+    table = Table(title=f"train: {config_path}, {base.train.epochs} epochs, threads {base.threads or 'default'}"
+                        + (f", recipe overrides {base.recipe}" if base.recipe else ""))
     for col in ("preset", "status", "AP50", "AP", "train s", "img/s"):
         table.add_column(col, justify="left" if col in ("preset", "status") else "right")
     for r in rows:
@@ -173,7 +176,8 @@ def bench_train_cmd(
     if json_path:
         from dataclasses import asdict
 
-        json_path.write_text(json.dumps({"config": base.resolved(), "environment": environment(),
+        json_path.write_text(json.dumps({"config": base.resolved(), "recipe_overrides": base.recipe,
+                                         "environment": environment(),
                                          "rows": [asdict(r) for r in rows]}, indent=2))
         err.print(f"wrote {json_path}")
 
@@ -215,7 +219,9 @@ def train_cmd(
     config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", help="A trial configuration (see configs/quickstart.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<name>)."),
     sets: list[str] = typer.Option([], "--set", "-s", help="Override a config value, e.g. --set train.epochs=3."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the folder's checkpoint if there is one."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the folder's checkpoint if there is one (refused when it was written "
+                                     "for another config or by other code); --no-resume starts over."),
 ) -> None:
     """Train one trial without Ray: progress per epoch, an evaluation table each time it evaluates,
     the final metrics, and a metrics.jsonl of every reported event in the output folder."""
@@ -225,16 +231,18 @@ def train_cmd(
 
     from .config import ConfigError, load_trial_config
     from .data.coco import DatasetError
-    from .train import train
+    from .train import resume_state, train
 
+    hint = "`--no-resume` (or another `--out`)"
     try:
         config = load_trial_config(config_path, _parse_sets(sets))
-    except ConfigError as e:
+        out = out or Path("runs") / config.name
+        _, _, state = resume_state(config, out, resume, hint)  # another config's or code's checkpoint: refused here
+    except (ConfigError, DatasetError) as e:
         fail(str(e))
-    out = out or Path("runs") / config.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.resolved.json").write_text(json.dumps(config.resolved(), indent=2))
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics_file = (out / "metrics.jsonl").open("a" if state is not None else "w")  # starting over: a new file
 
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
@@ -256,7 +264,8 @@ def train_cmd(
               highlight=False)
     try:
         with progress:
-            result = train(config, report, out_dir=out, resume=resume, progress=lambda m: progress.console.print(m))
+            result = train(config, report, out_dir=out, resume=resume, progress=lambda m: progress.console.print(m),
+                           restart_hint=hint)
     except (DatasetError, ConfigError, FileExistsError) as e:
         fail(str(e))
     finally:

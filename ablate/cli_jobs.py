@@ -34,6 +34,25 @@ def _open(store: Optional[str], create: bool = True):
         fail(str(e))
 
 
+METHOD_HELP = ("How Δ's interval, p and * are computed: t (paired t test, default), signflip "
+               "(exact sign-flip permutation test) or bootstrap (BCa, 10,000 resamples, fixed seed).")
+ADJUST_HELP = "Multiplicity adjustment of p over the variants: holm, bh (Benjamini-Hochberg) or none; * uses the adjusted p."
+TIMEOUT_HELP = "Seconds a statement may run before the database cancels it (the server too, on PostgreSQL)."
+READER_URL_HELP = ("PostgreSQL: a URL that logs in as a read-only role (default: $ABLATE_READER_URL; else the "
+                   "store's login with SET ROLE ablate_reader).")
+
+
+def _open_reader(store: Optional[str], timeout: float, reader_url: Optional[str], user_sql: bool = False):
+    """The store for a read command: it can only read, each statement cut off after ``timeout`` s."""
+    from .store import StoreError
+    from .store.readonly import open_reader
+
+    try:
+        return open_reader(_store_url(store), timeout=timeout, reader_url=reader_url, user_sql=user_sql)
+    except StoreError as e:
+        fail(str(e))
+
+
 def _job_or_fail(st, job: str):
     from .store import display_url
 
@@ -115,6 +134,8 @@ def resume_cmd(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join."),
     workdir: Path = typer.Option(Path("runs"), "--workdir", help="As given to submit."),
+    force: bool = typer.Option(False, "--force",
+                               help="Retrain the trials that other code (another ablate, torch or torchvision) trained."),
 ) -> None:
     """Continue an interrupted job: finished trials are kept, interrupted ones continue from their checkpoint."""
     import tempfile
@@ -133,7 +154,7 @@ def resume_cmd(
         except SpecError as e:
             fail(f"job {job}'s stored spec no longer validates with this ablate ({str(e).removeprefix(str(path) + ': ')}); "
                  f"submit a corrected file under a new name")
-    _run(spec, row.spec_yaml, address=address, force=False, resume=True, workdir=workdir)
+    _run(spec, row.spec_yaml, address=address, force=force, resume=True, workdir=workdir)
 
 
 @app.command("cancel")
@@ -163,42 +184,73 @@ def cancel_cmd(
 def status_cmd(
     job: Optional[str] = typer.Argument(None, help="A job's name (default: list all jobs)."),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    timeout: float = typer.Option(30.0, "--timeout", help=TIMEOUT_HELP),
+    reader_url: Optional[str] = typer.Option(None, "--reader-url", help=READER_URL_HELP),
 ) -> None:
-    """The jobs in the store, or one job's trials (state, epoch, attempts, node, wall time)."""
-    st = _open(store, create=False)
+    """The jobs in the store, or one job's trials (state, epoch, attempts, node, wall time, and the
+    code that trained each: trials that other code than this ablate's trained are marked)."""
+    from .fingerprint import code_fingerprint
+    from .store import StoreError
+
+    current = code_fingerprint()
+    st = _open_reader(store, timeout, reader_url)
+    try:
+        _print_status(st, job, current)
+    except StoreError as e:  # a statement timeout or a lost connection: one line
+        fail(str(e))
+
+
+def _print_status(st, job: Optional[str], current: str) -> None:
+    """The body of ``ablate status`` (``current``: this ablate's code fingerprint)."""
     if job is None:
         table = Table(title=f"jobs in {st.url}")
-        for col in ("job", "state", "created", "trials"):
+        for col in ("job", "state", "created", "trials", "code"):
             table.add_column(col)
+        codes = st.code_fingerprints()
         for j in st.list_jobs():
             counts = j.get("trials") or {}
+            other = sum(n for fp, n in codes.get(j["name"], {}).items() if fp != current)
             table.add_row(j["name"], j["state"], str(j["created_at"])[:19],
-                          ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+                          ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                          f"[yellow]{other} trial(s) by other code[/]" if other else "current")
         console.print(table)
         return
     row = _job_or_fail(st, job)
     table = Table(title=f"job {job}: {row.state}")
-    for col in ("variant", "seed", "state", "epoch", "attempts", "node", "wall s", "hash", "error"):
+    for col in ("variant", "seed", "state", "epoch", "attempts", "node", "wall s", "hash", "code", "error"):
         table.add_column(col)
-    for t in st.trials_of(job):
+    trials = st.trials_of(job)
+    other = [t for t in trials if t.state != "pending" and t.code_fingerprint != current]
+    for t in trials:
+        code = (t.code_fingerprint or "unrecorded")[:12]
+        if t in other:
+            code = f"[yellow]{code} (other)[/]"
         table.add_row(t.variant_name, str(t.seed), t.state, str(t.epoch),
                       str(t.attempts), t.node or "", "" if t.wall_seconds is None else f"{t.wall_seconds:.0f}",
-                      t.hash, (t.error or "")[:60])
+                      t.hash, code, (t.error or "")[:60])
     console.print(table)
+    if other:
+        console.print(f"{len(other)} trial(s) of job {job} came from other code than this ablate's (code "
+                      f"{current[:12]}: its detector, data, training and evaluation sources and the torch, "
+                      f"torchvision, numpy and pycocotools versions); they are not reused, and "
+                      f"`ablate resume {job} --force` (or submitting the job file with --force) retrains them",
+                      highlight=False, soft_wrap=True)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _print_results(st, job: str, metric: str, fmt: str, method: str = "t") -> None:
+def _print_results(st, job: str, metric: str, fmt: str, method: str = "t", adjust: str = "holm") -> None:
     """Print the job's per-variant comparison (``ablate.stats.compare``) as table, csv, json or markdown.
 
-    ``method``: "t" or "bootstrap" intervals. Exits 2 with one line on an unknown job, metric or an
-    empty job.
+    ``method``: "t", "signflip" or "bootstrap" (interval, p and star of the differences);
+    ``adjust``: "holm", "bh" or "none" over the variants. Under the table, one line when the seeds
+    cannot give a significant result (``stats.significance_note``; on stderr for csv). Exits 2
+    with one line on an unknown job, metric or an empty job.
     """
     from .evaluate import COCO_METRICS
-    from .stats import compare, curve_bands
+    from .stats import ADJUST_NAMES, METHOD_NAMES, compare, curve_bands, significance_note
 
     if metric not in COCO_METRICS:
         fail(f"--metric: unknown metric {metric!r}; choose one of {', '.join(COCO_METRICS)}")
@@ -210,51 +262,67 @@ def _print_results(st, job: str, metric: str, fmt: str, method: str = "t") -> No
     names = ["eval/AP", "stat/pos_per_gt", "stat/gt_without_pos_frac", "stat/ignored_per_image"]
     curves = st.curves(job, names + [f"stat/pos_per_gt_l{k}" for k in range(16)])
     try:
-        table = compare(df, curves, baseline, metric=metric, method=method)
+        table = compare(df, curves, baseline, metric=metric, method=method, adjust=adjust)
     except ValueError as e:
         fail(str(e))
+    others = table[~table["is_baseline"].astype(bool)]
+    note = significance_note(list(others["pairs"]), method, adjust=adjust, metric=metric)
     if fmt == "csv":
         console.file.write(table.to_csv(index=False))
+        if note:
+            err.print(note, highlight=False, soft_wrap=True)
         return
     if fmt == "json":
         counted = set(df.loc[df["state"].isin(("finished", "reused")), "trial_id"])
         bands = curve_bands(curves[curves["trial_id"].isin(counted)], "eval/AP")
-        doc = {"job": job, "baseline": baseline, "metric": metric, "method": method, "confidence": 0.95,
+        doc = {"job": job, "baseline": baseline, "metric": metric, "method": method, "adjust": adjust,
+               "tests": len(others), "confidence": 0.95, "significance_note": note,
                "variants": json.loads(table.to_json(orient="records")),
                "ap_by_epoch": json.loads(bands.to_json(orient="records"))}
         console.file.write(json.dumps(doc, indent=2) + "\n")
         return
 
+    def num(x: float, sign: str = "") -> str:
+        return f"{'-' if x < 0 else '+' if sign else ''}inf" if math.isinf(x) else f"{x:{sign}.3f}"
+
     def ci(r, col: str, sign: str = "") -> str:
         if math.isnan(r[col]):
             return "-"
         low, high = r[f"{col}_low"], r[f"{col}_high"]
-        bounds = "" if math.isnan(low) else f" [{low:{sign}.3f}, {high:{sign}.3f}]"
-        return f"{r[col]:{sign}.3f}{bounds}"
+        bounds = "" if math.isnan(low) else f" [{num(low, sign)}, {num(high, sign)}]"
+        return f"{num(r[col], sign)}{bounds}"
 
-    how = "bootstrap, 10,000 resamples" if method == "bootstrap" else "t"
-    header = ["variant", "seeds", "pairs", f"{metric} [95% CI]", f"Δ{metric} vs {baseline} [95% CI]", "p",
-              "AUC", "ep→90%", "diverged", "failed"]
+    def pval(p: float) -> str:
+        return "-" if math.isnan(p) else f"{p:.3g}"
+
+    adj = adjust != "none"
+    label = {"holm": "Holm", "bh": "BH"}.get(adjust, "")
+    header = ["variant", "seeds", "pairs", f"{metric} [95% CI]", "sd", f"Δ{metric} vs {baseline} [95% CI]", "dz",
+              "p"] + ([f"p {label}"] if adj else []) + ["AUC", "ep→90%", "diverged", "failed"]
     lines = []
     for _, r in table.iterrows():
         base = bool(r["is_baseline"])
         diff = "" if base else ci(r, f"{metric}_diff", "+") + (" *" if r[f"{metric}_sig"] else "")
-        p = r[f"{metric}_p"]
         lines.append([str(r["variant"]) + (" (baseline)" if base else ""), str(r["seeds"]),
-                      "" if base else str(r["pairs"]), ci(r, metric), diff,
-                      "" if base else ("-" if math.isnan(p) else "<1e-4" if p == 0 and method == "bootstrap"
-                                       else f"{p:.3g}"), _fmt(r["auc"]),
-                      _fmt(r["epochs_to_90"], 1), str(r["diverged"]), str(r["failed"])])
+                      "" if base else str(r["pairs"]), ci(r, metric), _fmt(r[f"{metric}_std"]), diff,
+                      "" if base else _fmt(r[f"{metric}_dz"], 2), "" if base else pval(r[f"{metric}_p"])]
+                     + (["" if base else pval(r[f"{metric}_p_adj"])] if adj else [])
+                     + [_fmt(r["auc"]), _fmt(r["epochs_to_90"], 1), str(r["diverged"]), str(r["failed"])])
     if table["note"].notna().any():
         header.append("note")
-        for line, note in zip(lines, table["note"]):
-            line.append(note or "")
-    caption = (f"mean over seeds [95% CI, {how}]; Δ paired by seed; * the CI excludes 0; "
-               "AUC: mean AP over epochs; ep→90%: epochs to 90% of final AP")
+        for line, n in zip(lines, table["note"]):
+            line.append(n if isinstance(n, str) else "")
+    mean_how = "BCa bootstrap" if method == "bootstrap" else "t"
+    how = METHOD_NAMES[method] + (", 10,000 resamples, fixed seed" if method == "bootstrap" else "")
+    caption = (f"{metric}: mean over seeds [95% CI, {mean_how}], sd: seed-to-seed sd; Δ paired by seed, its CI, p "
+               f"and * from one method: {how}; dz: mean/sd of the differences; "
+               + (f"p {label}: {ADJUST_NAMES[adjust]} over {len(others)} "
+                  f"variant(s); * adjusted p < 0.05; " if adj else "* p < 0.05 (no adjustment); ")
+               + "AUC: mean AP over epochs; ep→90%: epochs to 90% of final AP")
     if fmt == "markdown":
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
-        console.file.write("\n".join(out) + f"\n\n{caption}\n")
+        console.file.write("\n".join(out) + f"\n\n{caption}\n" + (f"\n{note}\n" if note else ""))
         return
     t = Table(title=f"job {job}: {metric} per variant", caption=caption)
     for h in header:
@@ -262,6 +330,8 @@ def _print_results(st, job: str, metric: str, fmt: str, method: str = "t") -> No
     for line in lines:
         t.add_row(*line)
     console.print(t)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
 
 
 @app.command("results")
@@ -269,20 +339,35 @@ def results_cmd(
     job: str = typer.Argument(..., help="The job's name."),
     metric: str = typer.Option("AP", "--metric", help="Headline COCO metric (AP, AP50, AP75, APs, ..., ARl)."),
     fmt: str = typer.Option("table", "--format", help="table, csv, json or markdown."),
-    bootstrap: bool = typer.Option(False, "--bootstrap",
-                                   help="Percentile bootstrap intervals (10,000 resamples, fixed seed) instead of t."),
+    method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
+    bootstrap: bool = typer.Option(False, "--bootstrap", help="The same as --method bootstrap."),
+    adjust: str = typer.Option("holm", "--adjust", help=ADJUST_HELP),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    timeout: float = typer.Option(30.0, "--timeout", help=TIMEOUT_HELP),
+    reader_url: Optional[str] = typer.Option(None, "--reader-url", help=READER_URL_HELP),
 ) -> None:
-    """Per variant: seeds, mean and 95% CI of the headline metric, the difference from the baseline
-    paired by seed (CI, p, * when the CI excludes 0), and convergence (AUC, epochs to 90%).
+    """Per variant: seeds, mean and 95% CI of the headline metric and its seed-to-seed sd, the
+    difference from the baseline paired by seed (CI, standardised effect dz, raw and adjusted p, *
+    when the adjusted p < 0.05, all from one named method), and convergence (AUC, epochs to 90%).
+    Says when the seeds are too few for a significant result, and how many are needed.
     csv and json carry every COCO metric, convergence and assignment column."""
     from .evaluate import COCO_METRICS
+    from .stats import cli_method
 
     if fmt not in ("table", "csv", "json", "markdown"):
         fail(f"--format: unknown format {fmt!r}; choose one of table, csv, json, markdown")
     if metric not in COCO_METRICS:
         fail(f"--metric: unknown metric {metric!r}; choose one of {', '.join(COCO_METRICS)}")
-    _print_results(_open(store, create=False), job, metric, fmt, "bootstrap" if bootstrap else "t")
+    try:
+        method = cli_method(method, bootstrap, adjust)
+    except ValueError as e:
+        fail(str(e))
+    from .store import StoreError
+
+    try:
+        _print_results(_open_reader(store, timeout, reader_url), job, metric, fmt, method, adjust)
+    except StoreError as e:  # a statement over --timeout
+        fail(str(e))
 
 
 @app.command("query")
@@ -290,13 +375,17 @@ def query_cmd(
     sql: str = typer.Argument(..., help='A read-only SQL query, e.g. "select * from trial_results".'),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     fmt: str = typer.Option("table", "--format", help="table or csv."),
+    timeout: float = typer.Option(30.0, "--timeout", help=TIMEOUT_HELP),
+    reader_url: Optional[str] = typer.Option(None, "--reader-url", help=READER_URL_HELP),
 ) -> None:
-    """Run a read-only query on the store (anything that could write is refused)."""
+    """Run one SELECT on the store as a role that may only read its tables and views (PostgreSQL:
+    ablate_reader; SQLite: query_only and an authorizer), cancelled after --timeout seconds."""
     from .store import StoreError
+    from .store.readonly import run_query
 
-    st = _open(store, create=False)
+    st = _open_reader(store, timeout, reader_url, user_sql=True)
     try:
-        columns, rows = st.query(sql)
+        columns, rows = run_query(st, sql)
     except StoreError as e:
         fail(str(e))
     if fmt == "csv":

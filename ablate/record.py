@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from . import __version__
+from . import __version__, fingerprint
 from .spec import JobSpec, Trial
 from .store import Store
 
@@ -136,9 +136,10 @@ class Recorder:
                                      tracking_uri=spec.tracking.uri)
         if self.experiment_id is not None:
             self.store.set_job(spec.name, mlflow_experiment_id=self.experiment_id)
+        code = fingerprint.code_fingerprint()
         rows = self.store.ensure_trials(spec.name, [
             {"variant": t.variant, "overrides": t.overrides, "seed": t.seed, "hash": t.hash,
-             "config": t.config.resolved()} for t in trials])
+             "config": t.config.resolved(), "code_fingerprint": code} for t in trials])
         for t, row in zip(trials, rows):
             state = _TrialState(t, row.id, row.mlflow_run_id)
             if row.mlflow_run_id:
@@ -147,11 +148,12 @@ class Recorder:
             self.trials[t.key] = state
 
     def start(self, resumed: bool = False) -> None:
-        """Open this submission's parent run and mark the job running."""
+        """Open this submission's parent run and mark the job running; ``resumed``: the job was
+        running or interrupted before this driver took it over (its last parent run is linked)."""
         job = self.store.get_job(self.spec.name)
         if self.client is not None:
             tags = {"ablate.job": self.spec.name, "ablate.version": __version__, "ablate.kind": "job"}
-            if resumed and job and job.mlflow_parent_run_id and job.state in ("running", "interrupted"):
+            if resumed and job and job.mlflow_parent_run_id:
                 tags["ablate.resumed_from"] = job.mlflow_parent_run_id
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.spec.name)
             self.parent_run_id = run.info.run_id

@@ -12,7 +12,14 @@ driver process, so only the driver writes to MLflow and the store.
 What Tune does not decide: which trials to run. Before ``fit`` the driver asks the store:
 a trial already finished or diverged in this job is not run again; one whose hash finished in
 another job is reused (unless ``force``); an interrupted one (the driver died) continues from
-the checkpoint path the store kept. So ``ablate resume`` starts a new Tune experiment over the
+the checkpoint path the store kept. A trial's hash includes the code fingerprint
+(``ablate.fingerprint``), so reuse never crosses code versions, and a job whose recorded
+trials other code trained is refused (``--force`` retrains them) rather than mixed.
+
+One driver per job: before it writes anything the driver takes the job's lease in the store (one
+compare-and-set UPDATE, ``Store.claim_driver``) and a heartbeat thread renews it every
+``HEARTBEAT_EVERY_S`` from then until the driver ends, whatever the exit (data preparation
+included); a second driver on a job whose lease is fresh is refused with one line. So ``ablate resume`` starts a new Tune experiment over the
 unfinished trials instead of restoring Tune's own experiment state, and the store stays the
 single source of truth.
 
@@ -28,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +44,7 @@ from ray import tune
 
 from .spec import JobSpec, Trial
 
-#: Seconds between two heartbeats of a running driver (``jobs.updated_at``).
+#: Seconds between two heartbeats of a running driver (``jobs.driver_heartbeat_at``).
 HEARTBEAT_EVERY_S = 5.0
 #: Trial states in which nothing is left to run.
 DONE_STATES = ("finished", "diverged", "reused")
@@ -85,8 +92,10 @@ def _trainable(params: dict[str, Any], trials: dict[str, dict[str, Any]], fault:
             Path(fault["marker"]).touch()  # once: the retry must get through
             os._exit(1)  # a worker killed mid-epoch (tests inject this)
 
+    job = config.name.split("/")[0]
+    hint = f"retraining it (`ablate submit {job}.yaml --force` or `ablate resume {job} --force`)"
     try:
-        result = train(config, report, out_dir=work, resume=True)
+        result = train(config, report, out_dir=work, resume=True, restart_hint=hint)
         tune.report({"epoch": result["epoch"], "events": list(buffer), "final": result, "node": node,
                      "device": device})
     finally:
@@ -188,31 +197,70 @@ class _RecorderCallback(_Unpicklable, tune.Callback):
 
 
 class _CancelStopper(_Unpicklable, tune.Stopper):
-    """Stops everything once ``ablate cancel`` marked the job cancelled in the store."""
+    """Stops everything once ``ablate cancel`` marked the job cancelled in the store, or once this
+    driver lost its lease (another driver took the job over)."""
 
-    def __init__(self, store, job: str, poll_s: float = 2.0):
-        self.store, self.job, self.poll_s = store, job, poll_s
+    def __init__(self, store, job: str, lease: Optional["_DriverLease"] = None, poll_s: float = 2.0):
+        self.store, self.job, self.lease, self.poll_s = store, job, lease, poll_s
         self._last = 0.0
-        self._beat = 0.0
         self.cancelled = False
 
     def __call__(self, trial_id, result):
-        return self.cancelled
+        return self.cancelled or bool(self.lease and self.lease.lost)
 
     def stop_all(self):
-        """Polled by Tune every step: reads the job's state and writes the driver's heartbeat."""
+        """Polled by Tune every step: reads the job's state (the lease's thread writes the heartbeat)."""
         now = time.monotonic()
         if not self.cancelled and now - self._last >= self.poll_s:
             self._last = now
             try:
                 job_row = self.store.get_job(self.job)
                 self.cancelled = bool(job_row and job_row.state == "cancelled")
-                if not self.cancelled and now - self._beat >= HEARTBEAT_EVERY_S:
-                    self._beat = now
-                    self.store.set_job(self.job, updated_at=datetime.now(timezone.utc))
             except Exception:  # a transient store error must not end the job; the next poll retries
                 pass
-        return self.cancelled
+        return self.cancelled or bool(self.lease and self.lease.lost)
+
+
+class _DriverLease:
+    """This driver's hold on a job: claimed once (compare-and-set in the store), then renewed by a
+    daemon thread every ``HEARTBEAT_EVERY_S`` until :meth:`close`, which stops the thread and
+    releases the lease. ``lost`` turns true if a renewal finds another driver's token."""
+
+    def __init__(self, store, job: str):
+        self.store, self.job = store, job
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def claim(self, **create) -> bool:
+        return self.store.claim_driver(self.job, self.token, heartbeat_stale_s(), **create)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"ablate-heartbeat-{self.job}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_EVERY_S):
+            try:
+                if not self.store.beat_driver(self.job, self.token):
+                    self.lost = True
+                    return
+            except Exception:  # a transient store error: the next beat retries (stale only after several)
+                pass
+
+    @property
+    def beating(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.store.release_driver(self.job, self.token)
+        except Exception:  # best effort: a lease left behind goes stale by itself
+            pass
 
 
 def _check_capacity(spec: JobSpec) -> None:
@@ -279,7 +327,8 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
         spec: the validated job.
         spec_yaml: the file's text (stored with the job).
         address: a Ray cluster to join (default: ``RAY_ADDRESS`` or a new local Ray).
-        force: retrain trials even when they (or the same hash elsewhere) already finished.
+        force: retrain trials even when they (or the same hash elsewhere) already finished, and
+            trials that other code trained (refused otherwise).
         resume: continue a job that exists in the store (``ablate resume``).
         workdir: Tune's experiment storage goes under ``workdir/<job>/``; it must be shared by
             every node of a multi-node cluster.
@@ -299,41 +348,77 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
     if address and address.startswith("ray://"):
         raise JobError(f"--address {address}: Ray Client cannot run the driver-side recorder; run the driver on the "
                        f"cluster instead (`ray job submit -- ablate submit JOB.yaml`) or give the GCS address (host:6379)")
+    from .fingerprint import code_fingerprint
+
     store = open_store(spec.store)
     where = display_url(spec.store)
     existing = store.get_job(spec.name)
     if resume and existing is None:
         raise JobError(f"no job named {spec.name!r} in the store {where}")
-    if existing is not None and existing.state == "running":
-        age = time.time() - existing.updated_at.timestamp()
-        if age < heartbeat_stale_s():
-            raise JobError(f"job {spec.name!r} has a live driver (last heartbeat {age:.0f} s ago); "
-                           f"wait for it or `ablate cancel {spec.name}`")
-        if not resume:
+    if existing is not None:
+        if driver_alive(existing):
+            raise JobError(_live_driver(existing))
+        if existing.state == "running" and not resume:
             raise JobError(f"job {spec.name!r} was interrupted (its driver is gone); continue it with "
                            f"`ablate resume {spec.name}` or stop it with `ablate cancel {spec.name}`")
     trials = spec.trials()
     if existing is not None:
-        _refuse_changed_spec(store, spec, trials, force=force and not resume, where=where)
+        _refuse_changed_spec(store, spec, trials, force=force, where=where, resume=resume)
     recorder = Recorder(spec, store, spec_yaml, mlflow=mlflow)
+    if mlflow:
+        _check_tracking(spec)  # an unusable MLflow URI or server: refused before the store is written
+    lease = _DriverLease(store, spec.name)
+    if not lease.claim(description=spec.description, spec_yaml=spec_yaml, spec_json=spec.model_dump_json(),
+                       baseline=spec.baseline_variant, tracking_uri=spec.tracking.uri):
+        raise JobError(_live_driver(store.get_job(spec.name)))  # another driver won the race for the lease
+    lease.start()  # heartbeats from here (the job row says running) until the driver ends
     try:
-        recorder.register(trials)
-    except StoreError:
-        raise
-    except Exception as e:  # an unusable MLflow URI or server: nothing is in the store yet
-        raise JobError(f"tracking: cannot use MLflow at {display_url(spec.tracking.uri)}: {_first_line(e)}") from None
-    try:
-        return _run_registered(spec, store, recorder, trials, existing, address=address, force=force,
-                               workdir=workdir, live=live, fault=fault, console=console, started=started)
-    except BaseException as e:
-        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         try:
-            recorder.finish(state)
-        except Exception:  # best effort: the store or MLflow may be what failed
-            pass
-        if isinstance(e, (KeyboardInterrupt, JobError)):
-            raise
-        raise JobError(f"job {spec.name} {state}: {type(e).__name__}: {_first_line(e)}") from e
+            recorder.register(trials)
+        except BaseException as e:
+            try:
+                store.set_job(spec.name, state=existing.state if existing is not None else "failed")
+            except Exception:  # best effort: the store may be what failed
+                pass
+            if isinstance(e, (StoreError, KeyboardInterrupt)):
+                raise
+            raise JobError(f"tracking: cannot use MLflow at {display_url(spec.tracking.uri)}: {_first_line(e)}") from None
+        store.set_code_fingerprint([st.store_id for st in recorder.trials.values()], code_fingerprint())
+        try:
+            return _run_registered(spec, store, recorder, trials, existing, address=address, force=force,
+                                   workdir=workdir, live=live, fault=fault, console=console, started=started,
+                                   lease=lease)
+        except BaseException as e:
+            if lease.lost:  # the job is another driver's now: record nothing more
+                raise JobError(f"job {spec.name}: another driver took the job over after this one's heartbeat "
+                               f"stopped for over {heartbeat_stale_s():g} s; this driver stopped") from None
+            state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            try:
+                recorder.finish(state)
+            except Exception:  # best effort: the store or MLflow may be what failed
+                pass
+            if isinstance(e, (KeyboardInterrupt, JobError)):
+                raise
+            raise JobError(f"job {spec.name} {state}: {type(e).__name__}: {_first_line(e)}") from e
+    finally:
+        lease.close()  # the heartbeat stops and the lease is free, whatever the exit
+
+
+def _check_tracking(spec: JobSpec) -> None:
+    from mlflow import MlflowClient
+
+    from .store import display_url
+
+    try:
+        MlflowClient(tracking_uri=spec.tracking.uri).get_experiment_by_name(spec.experiment_name)
+    except Exception as e:
+        raise JobError(f"tracking: cannot use MLflow at {display_url(spec.tracking.uri)}: {_first_line(e)}") from None
+
+
+def _live_driver(job) -> str:
+    beat = job.driver_heartbeat_at
+    age = f"last heartbeat {time.time() - beat.timestamp():.0f} s ago" if beat is not None else "no heartbeat yet"
+    return f"job {job.name!r} has a live driver ({age}); wait for it or `ablate cancel {job.name}`"
 
 
 def heartbeat_stale_s() -> float:
@@ -343,8 +428,10 @@ def heartbeat_stale_s() -> float:
 
 
 def driver_alive(job) -> bool:
-    """Whether ``job`` (a store row) is running with a recent heartbeat from its driver."""
-    return job.state == "running" and time.time() - job.updated_at.timestamp() < heartbeat_stale_s()
+    """Whether ``job`` (a store row) has a driver: a lease whose heartbeat is recent (whatever the
+    job's state: a cancelled job's driver is alive until it has stopped its trials)."""
+    beat = job.driver_heartbeat_at
+    return job.driver_token is not None and beat is not None and time.time() - beat.timestamp() < heartbeat_stale_s()
 
 
 def _first_line(e: BaseException) -> str:
@@ -352,22 +439,37 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
-def _refuse_changed_spec(store, spec: JobSpec, trials: list[Trial], force: bool, where: str) -> None:
-    """A job name reused with another spec must not silently discard finished trials."""
+def _refuse_changed_spec(store, spec: JobSpec, trials: list[Trial], force: bool, where: str,
+                         resume: bool = False) -> None:
+    """A job name reused with another spec, or by other code, must not silently discard recorded
+    trials nor mix their results with new ones: refused unless ``force``."""
+    from .fingerprint import code_fingerprint
+
+    if force:
+        return
     stored = {(t.variant_name, t.seed): t for t in store.trials_of(spec.name)}
-    changed = [t.key for t in trials if (t.variant, t.seed) in stored
+    changed = [(t, stored[(t.variant, t.seed)]) for t in trials if (t.variant, t.seed) in stored
                and stored[(t.variant, t.seed)].hash != t.hash and stored[(t.variant, t.seed)].state != "pending"]
-    if changed and not force:
-        raise JobError(f"job {spec.name!r} exists in {where} with a different spec: {len(changed)} recorded trial(s) "
-                       f"would be discarded (e.g. {changed[0]}); give the job another name, or pass --force")
+    if not changed:
+        return
+    current = code_fingerprint()
+    other_code = [(t, row) for t, row in changed if row.code_fingerprint != current]
+    if other_code:
+        t, row = other_code[0]
+        was = row.code_fingerprint[:12] if row.code_fingerprint else "unrecorded (before code fingerprints)"
+        how = f"`ablate resume {spec.name} --force`" if resume else "--force"
+        raise JobError(f"job {spec.name!r} in {where}: {len(other_code)} recorded trial(s) were trained by other code "
+                       f"(e.g. {t.key}: code {was}, this ablate {current[:12]}); results of two code versions are not "
+                       f"mixed: retrain them with {how}, or give the job another name")
+    raise JobError(f"job {spec.name!r} exists in {where} with a different spec: {len(changed)} recorded trial(s) "
+                   f"would be discarded (e.g. {changed[0][0].key}); give the job another name, or pass --force")
 
 
 def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existing, *, address, force, workdir, live,
-                    fault, console, started) -> Outcome:
+                    fault, console, started, lease: _DriverLease) -> Outcome:
     from rich.live import Live
 
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
-    was_cancelled = existing is not None and existing.state == "cancelled"
     if existing is not None and existing.state in ("running", "interrupted") and existing.mlflow_parent_run_id \
             and recorder.client is not None:
         recorder.client.set_tag(existing.mlflow_parent_run_id, "ablate.state", "interrupted")
@@ -407,8 +509,10 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
         outcome.states = {k: r.state for k, r in rows.items()}
         return outcome
 
-    _prepare_data(spec, say)
-    if not was_cancelled and store.get_job(spec.name).state == "cancelled":  # `ablate cancel` while we prepared
+    _prepare_data(spec, say)  # the lease's heartbeat goes on meanwhile: no second driver, cancel is seen
+    if lease.lost:
+        raise JobError("lease lost")  # run_job says what happened
+    if store.get_job(spec.name).state == "cancelled":  # `ablate cancel` while we prepared
         for t in to_run:
             recorder.trial_cancelled(t.key)
         outcome.state = "cancelled"
@@ -431,7 +535,8 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         _check_capacity(spec)
-        recorder.start(resumed=existing is not None)
+        # the state before this driver took the lease (which marks the job running)
+        recorder.start(resumed=existing is not None and existing.state in ("running", "interrupted"))
         outcome.trained = [t.key for t in to_run]
         threads = max(1, int(spec.resources.cpus))
         payload = {t.key: {"config": _worker_config(t, threads), "resume_from": resume_from.get(t.key)} for t in to_run}
@@ -440,7 +545,7 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
         storage.mkdir(parents=True, exist_ok=True)
         resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
         trainable = tune.with_resources(tune.with_parameters(_trainable, trials=payload, fault=fault), resources)
-        stopper = _CancelStopper(store, spec.name)
+        stopper = _CancelStopper(store, spec.name, lease)
         lock = threading.Lock()
         live_view = Live(_table(spec, rows, started), console=console, refresh_per_second=2, transient=False) \
             if live else None
@@ -480,6 +585,8 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
     finally:
         if own_ray:
             ray.shutdown()
+    if lease.lost:
+        raise JobError("lease lost")  # run_job says what happened; the job is another driver's
 
     cancelled = stopper.cancelled or (store.get_job(spec.name).state == "cancelled")
     for key, r in rows.items():

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .config import DataConfig, ModelSize, TrainConfig, TrialConfig, _merge
 from .detect.recipe import LossRecipe, preset
+from . import fingerprint
 
 
 class SpecError(ValueError):
@@ -114,7 +115,7 @@ class Trial:
     variant: str
     seed: int
     config: TrialConfig = dataclasses.field(hash=False)  # name = job/variant/seed, data, seed, overrides applied
-    hash: str  # trial_hash(config, dataset_fingerprint(data)): equal hashes give equal results
+    hash: str  # trial_hash(config, dataset_fingerprint(data)) (with the code fingerprint): equal hashes, equal results
     overrides: dict[str, Any] = dataclasses.field(hash=False)  # the variant's flattened dotted overrides
 
     @property
@@ -227,7 +228,7 @@ class JobSpec(_Frozen):
 
     # ------------------------------------------------------------------ expansion
     def trials(self) -> list[Trial]:
-        """Every variant x seed, variant-major; hashes use the dataset fingerprint (computed once)."""
+        """Every variant x seed, variant-major; hashes use the dataset and code fingerprints (computed once)."""
         if self._trials is None:
             fp = dataset_fingerprint(self.dataset)
             self._trials = [Trial(self.name, v.name, c.seed, c, trial_hash(c, fp), dict(v.overrides))
@@ -444,21 +445,30 @@ def dataset_fingerprint(data: DataConfig) -> str:
 #: Resolved-config keys that do not change a trial's results.
 NOT_IN_HASH = ("name", "threads", "device")
 
-
-def trial_hash(config: TrialConfig, data_fingerprint: str) -> str:
-    """16 hex digits of SHA-256 over the resolved config (recipe expanded) and the dataset fingerprint.
-
-    Left out: ``name``, ``threads``, ``device`` and the dataset's location (``data.synthetic`` /
-    ``data.coco``, replaced by ``data_fingerprint``). So the same variant and seed in another
-    job, or with the data in another directory, has the same hash and is reused; a different
-    seed, override, augmentation or dataset gives a different one.
-    """
+def trial_identity(config: TrialConfig, data_fingerprint: str) -> dict[str, Any]:
+    """What determines a trial's results besides the code: the resolved config (recipe expanded)
+    without ``name``, ``threads``, ``device``, the dataset's location (``data.synthetic`` /
+    ``data.coco``, replaced by ``data.fingerprint``) and the image cache (``data.cache``: where
+    decoded images are kept changes no result)."""
     resolved = config.resolved()
     for key in NOT_IN_HASH:
         resolved.pop(key, None)
-    resolved["data"] = {k: v for k, v in resolved["data"].items() if k not in ("synthetic", "coco")}
+    resolved["data"] = {k: v for k, v in resolved["data"].items() if k not in ("synthetic", "coco", "cache")}
     resolved["data"]["fingerprint"] = data_fingerprint
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+    return resolved
+
+
+def trial_hash(config: TrialConfig, data_fingerprint: str, code: Optional[str] = None) -> str:
+    """16 hex digits of SHA-256 over :func:`trial_identity` and the code fingerprint (``code``,
+    default :func:`ablate.fingerprint.code_fingerprint`: this process's code).
+
+    So the same variant and seed in another job, or with the data in another directory, has the
+    same hash and is reused; a different seed, override, augmentation or dataset gives a
+    different one, and so does other code (an edited loss, another torch).
+    """
+    identity = trial_identity(config, data_fingerprint)
+    identity["code"] = code if code is not None else fingerprint.code_fingerprint()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading

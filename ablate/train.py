@@ -18,6 +18,12 @@ augmentations are drawn from ``(seed, epoch)``, so the same seed gives the same 
 in every variant (seeds pair across variants) and a resumed run repeats exactly what an
 uninterrupted one would have done. A checkpoint is written after every epoch.
 
+A checkpoint carries the trial's identity (``spec.trial_identity``: the resolved config without
+name, threads, device and the dataset's location, plus the dataset fingerprint) and the code
+fingerprint (``fingerprint.code_fingerprint``). Resuming from one written for another identity or by
+other code is refused (:class:`CheckpointMismatch`, one line naming the differing fields), before
+anything is loaded: a resumed run never mixes two configurations or two versions of the code.
+
 A NaN or infinite loss ends the trial as ``diverged`` with the step and the loss terms.
 """
 
@@ -32,12 +38,65 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import TrialConfig
+from .config import ConfigError, TrialConfig
 from .detect import AnchorLayout, LossRecipe, Targets, build_criterion, fit_anchors, get_layout
 from .detect.model import ModelConfig, build_model
 
 Report = Callable[[dict[str, Any]], None]
 CHECKPOINT = "checkpoint.pt"
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint written for another trial or by other code; the message is one line."""
+
+
+def resume_state(config: TrialConfig, out_dir: Path, resume: bool = True, restart_hint: str = "`--no-resume`"
+                 ) -> tuple[dict[str, Any], str, Optional[dict[str, Any]]]:
+    """``(identity, code fingerprint, checkpoint state or None)`` of a run that checkpoints into
+    ``out_dir``: the state is ``out_dir/checkpoint.pt`` when ``resume`` and it exists, checked by
+    :func:`check_checkpoint` (so a caller can refuse before it writes anything)."""
+    from . import fingerprint, spec
+
+    identity = spec.trial_identity(config, spec.dataset_fingerprint(config.data))
+    code = fingerprint.code_fingerprint()
+    path = Path(out_dir) / CHECKPOINT
+    if not (resume and path.exists()):
+        return identity, code, None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # CPU: the RNG state must stay there
+    check_checkpoint(state, identity, code, path, restart_hint)
+    return identity, code, state
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_checkpoint(state: dict[str, Any], identity: dict[str, Any], code: str, path: Path,
+                     restart_hint: str) -> None:
+    """Refuse (:class:`CheckpointMismatch`) a checkpoint whose identity or code fingerprint is not
+    this trial's. ``restart_hint`` says how to start over (``--no-resume`` for ``ablate train``)."""
+    stored = state.get("identity")
+    if stored is None:
+        raise CheckpointMismatch(f"checkpoint {path} was written by an ablate without trial identities "
+                                 f"(its configuration and code cannot be checked); {restart_hint} starts over")
+    if stored != identity:
+        a, b = _flat(stored), _flat(identity)
+        diffs = []
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "<unset>") != b.get(key, "<unset>"):
+                diffs.append("the dataset (data.synthetic / data.coco contents)" if key == "data.fingerprint"
+                             else f"{key} {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise CheckpointMismatch(f"checkpoint {path} was written for another configuration ({shown}); "
+                                 f"{restart_hint} starts over")
+    if state.get("code_fingerprint") != code:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was written by other code (code fingerprint {str(state.get('code_fingerprint'))[:12]}, "
+            f"now {code[:12]}: ablate's detector, data, training or evaluation sources or torch, torchvision, "
+            f"numpy or pycocotools changed); {restart_hint} starts over")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,8 +199,8 @@ def build_data(config: TrialConfig, progress: Optional[Callable[[str], None]] = 
         c = d.coco
         paths = (c.train_ann, c.train_images, c.val_ann, c.val_images)
     aug = AugmentConfig(hflip=d.hflip, jitter=d.jitter, hue=d.hue)
-    train_set = CocoDetection(paths[0], paths[1], d.image_size, train=True, augment=aug)
-    val_set = CocoDetection(paths[2], paths[3], d.image_size, train=False)
+    train_set = CocoDetection(paths[0], paths[1], d.image_size, train=True, augment=aug, cache=d.cache)
+    val_set = CocoDetection(paths[2], paths[3], d.image_size, train=False, cache=d.cache)
     return train_set, val_set
 
 
@@ -171,6 +230,7 @@ def train(
     resume: bool = True,
     stop_after_epoch: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
+    restart_hint: str = "`--no-resume`",
 ) -> dict[str, Any]:
     """Train one trial and return its final metrics.
 
@@ -178,9 +238,11 @@ def train(
         config: the trial.
         report: receives training and evaluation events (see the module docstring).
         out_dir: where the per-epoch checkpoint goes; ``None`` keeps nothing on disk.
-        resume: continue from ``out_dir/checkpoint.pt`` if it exists.
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists; one written for another
+            identity or by other code raises :class:`CheckpointMismatch` (nothing is trained).
         stop_after_epoch: end after this (1-based) epoch as if interrupted (for tests and
             schedulers); the result then has ``status == "stopped"``.
+        restart_hint: how a :class:`CheckpointMismatch` message tells the user to start over.
 
     Returns:
         ``{"status": "finished" | "diverged" | "stopped", "epoch", "step", <last eval
@@ -192,6 +254,8 @@ def train(
     from .evaluate import evaluate_model, load_coco_gt
 
     t = config.train
+    ckpt_path = Path(out_dir) / CHECKPOINT if out_dir else None
+    identity, code, state = resume_state(config, out_dir, resume, restart_hint) if out_dir else (None, None, None)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -224,9 +288,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, step, last_eval, train_seconds, images_seen = 0, 0, {}, 0.0, 0
-    ckpt_path = Path(out_dir) / CHECKPOINT if out_dir else None
-    if ckpt_path and resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -295,6 +357,7 @@ def train(
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": epoch, "step": step, "last_eval": last_eval, "train_seconds": train_seconds,
                 "images_seen": images_seen, "rng": torch.get_rng_state(), "config_hash": config.content_hash(),
+                "identity": identity, "code_fingerprint": code,
             })
         report({"kind": "epoch", "step": step, "epoch": epoch, "train_seconds": train_seconds,
                 "images_seen": images_seen, "checkpoint": str(ckpt_path) if ckpt_path else None})

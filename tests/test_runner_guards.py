@@ -5,6 +5,7 @@ Each case is one line for the user and leaves what is recorded intact.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.record import Recorder, event_metrics, json_ready, mlflow_key
-from ablate.runner import JobError, run_job
+import ablate.fingerprint
+from ablate.runner import JobError, driver_alive, run_job
 from ablate.spec import load_job_spec
 from ablate.store import open_store
 
@@ -43,6 +45,8 @@ def finished_job(tmp: Path):
     store = open_store(spec.store)
     rec = Recorder(spec, store, path.read_text(), mlflow=False)
     rec.register(spec.trials())
+    store.set_code_fingerprint([st.store_id for st in rec.trials.values()],  # as run_job does
+                              ablate.fingerprint.code_fingerprint())
     for st in rec.trials.values():
         store.update_trial(st.store_id, state="finished", attempts=1)
         store.add_metrics(st.store_id, [("eval/AP", 10, 1, 0.25)])
@@ -73,12 +77,14 @@ def test_unusable_tracking_uri_fails_before_the_store_is_written(tmp_path):
     assert open_store(spec.store).get_job(spec.name) is None
 
 
-def test_live_driver_blocks_submit_and_resume_stale_one_asks_for_resume(tmp_path):
+def test_live_driver_blocks_submit_and_resume_stale_one_asks_for_resume(tmp_path, monkeypatch):
     spec, store = finished_job(tmp_path)
-    store.set_job(spec.name, state="running", updated_at=datetime.now(timezone.utc))
+    assert store.claim_driver(spec.name, "other-driver", stale_s=30)  # another driver holds the job now
+    assert store.get_job(spec.name).state == "running"
     with pytest.raises(JobError, match="has a live driver"):
         run_job(spec, "", resume=True, workdir=tmp_path / "runs", live=False)
-    store.set_job(spec.name, updated_at=datetime.now(timezone.utc) - timedelta(minutes=5))
+    monkeypatch.setenv("ABLATE_HEARTBEAT_STALE_S", "0.2")  # its heartbeat goes stale
+    time.sleep(0.3)
     with pytest.raises(JobError, match="was interrupted .* `ablate resume guarded`"):
         run_job(spec, "", workdir=tmp_path / "runs", live=False)
 
@@ -88,6 +94,7 @@ def test_status_and_cancel_of_a_job_whose_driver_is_gone(tmp_path):
     trials = store.trials_of(spec.name)
     store.update_trial(trials[1].id, state="running")
     store.set_job(spec.name, state="running", updated_at=datetime.now(timezone.utc) - timedelta(minutes=5))
+    assert not driver_alive(store.get_job(spec.name))  # no lease: the driver is gone
     runner = CliRunner()
     listing = runner.invoke(app, ["status", "--store", spec.store])
     assert listing.exit_code == 0 and "1 finished" in listing.output and "1 running" in listing.output

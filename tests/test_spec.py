@@ -161,6 +161,51 @@ def test_a_different_dataset_gives_a_different_hash(tmp_path):
     assert trial_hash(cfg.model_copy(update={"name": "n", "threads": 3}), "x" * 64) == trial_hash(cfg, "x" * 64)
 
 
+def test_other_code_gives_another_hash(tmp_path, monkeypatch):
+    """The code fingerprint is in the hash: a trial is reused only by identical code."""
+    import ablate.fingerprint
+
+    cfg = load(tmp_path).trials()[0].config
+    assert trial_hash(cfg, "x" * 64) == trial_hash(cfg, "x" * 64, code=ablate.fingerprint.code_fingerprint())
+    assert trial_hash(cfg, "x" * 64, code="a" * 64) != trial_hash(cfg, "x" * 64, code="b" * 64)
+    before = load(tmp_path).trials()[0].hash
+    monkeypatch.setattr(ablate.fingerprint, "code_fingerprint", lambda: "0" * 64)
+    assert load(tmp_path).trials()[0].hash != before
+
+
+def test_code_fingerprint_covers_the_result_code_and_libraries(tmp_path):
+    """Bytes of the detector core, data, training, evaluation and config modules and the library
+    versions count; the job machinery, reports and line endings do not."""
+    import shutil
+
+    from ablate import fingerprint
+
+    pkg = tmp_path / "ablate"
+    shutil.copytree(Path(fingerprint.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    versions = {"torch": "2.0", "torchvision": "0.15", "numpy": "2.0", "pycocotools": "2.0"}
+    base = fingerprint.code_fingerprint_of(pkg, versions)
+    assert fingerprint.code_fingerprint() == fingerprint.code_fingerprint_of(
+        Path(fingerprint.__file__).parent, fingerprint.library_versions())
+    assert set(fingerprint.library_versions()) == {"torch", "torchvision", "numpy", "pycocotools"}
+    for rel in ("report.py", "runner.py", "spec.py", "store/store.py", "cli.py"):  # not what a trial computes
+        (pkg / rel).write_text((pkg / rel).read_text() + "\n# edited\n")
+    assert fingerprint.code_fingerprint_of(pkg, versions) == base
+    losses = pkg / "detect" / "losses.py"
+    losses.write_bytes(losses.read_bytes().replace(b"\n", b"\r\n"))  # a Windows checkout: the same code
+    assert fingerprint.code_fingerprint_of(pkg, versions) == base
+    seen = {base}
+    for rel in ("detect/losses.py", "data/transforms.py", "train.py", "evaluate.py", "config.py"):
+        (pkg / rel).write_text((pkg / rel).read_text() + "\n# edited\n")
+        fp = fingerprint.code_fingerprint_of(pkg, versions)
+        assert fp not in seen, rel
+        seen.add(fp)
+    (pkg / "detect" / "new_loss.py").write_text("x = 1\n")  # a new module of the core counts too
+    assert fingerprint.code_fingerprint_of(pkg, versions) not in seen
+    for lib in versions:
+        assert fingerprint.code_fingerprint_of(pkg, {**versions, lib: "9.9"}) != fingerprint.code_fingerprint_of(
+            pkg, versions), lib
+
+
 def coco_head(root: Path) -> str:
     """A COCO-format dataset under ``root`` (annotation files and image directories exist)."""
     (root / "train").mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,108 @@ def test_bench_goal_line():
     assert goal_line([row(status="diverged")], 1, 1).endswith("NOT met")
     assert "one core" in goal_line([row()], 2, 1) and "pessimistic" in goal_line([row()], 1, 2)
     assert goal_line([row(preset="ssd")], 1, 1) is None
+
+
+# --------------------------------------------------------------------------- resume guard (issue 11)
+def test_resume_refuses_a_checkpoint_of_another_config_or_code(synth_root, tmp_path, monkeypatch):
+    """`ablate train` into a folder whose checkpoint another config or other code wrote is refused in
+    one line naming the differing fields and `--no-resume`; nothing in the folder is touched; the
+    Ray worker gets the same guard; `--no-resume` starts over with a fresh metrics.jsonl."""
+    import ablate.fingerprint
+    from ablate.train import CHECKPOINT, CheckpointMismatch, resume_state
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps(tiny_config(synth_root, epochs=1).model_dump(mode="json")))
+    out = tmp_path / "run"
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(cfg), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    for sets, names in ((["recipe.box_loss=ciou"], "recipe.box_loss 'mse' -> 'ciou'"),
+                        (["preset=ssd"], "preset 'yolov3' -> 'ssd'"),
+                        (["train.epochs=3", "recipe.box_loss=giou"], "train.epochs 1 -> 3")):
+        r = runner.invoke(app, ["train", str(cfg), "--out", str(out), *[x for s in sets for x in ("--set", s)]])
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output and "load_state_dict" not in r.output
+        msg = " ".join(r.output.split())
+        assert "written for another configuration" in msg and names in msg and "--no-resume" in msg, msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    config = tiny_config(synth_root, epochs=1)
+    resume_state(config, out)  # the same config and code: accepted
+    # threads, device and the name do not change results: accepted too
+    resume_state(config.model_copy(update={"threads": 3, "name": "other", "device": "cpu"}), out)
+
+    # other code (an edited loss, another torch): refused, also for the Ray worker (its own hint)
+    monkeypatch.setattr(ablate.fingerprint, "code_fingerprint", lambda: "f" * 64)
+    with pytest.raises(CheckpointMismatch, match=r"written by other code .*`--no-resume` starts over"):
+        resume_state(config, out)
+    import ray
+
+    import ablate.runner as runner_mod
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n" * 16})())
+    monkeypatch.setattr(runner_mod.tune, "get_checkpoint", lambda: None)
+    worker_config = config.model_copy(update={"name": "job1/mse/0"})
+    with pytest.raises(CheckpointMismatch, match=r"other code .*ablate submit job1.yaml --force"):
+        runner_mod._trainable({"trial": "mse/0"}, {"mse/0": {"config": worker_config.model_dump_json(),
+                                                            "resume_from": str(out)}})
+    monkeypatch.undo()
+
+    # a checkpoint from before identities: its config and code cannot be checked
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    del state["identity"]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(state, old / CHECKPOINT)
+    with pytest.raises(CheckpointMismatch, match="without trial identities"):
+        resume_state(config, old)
+
+    fresh = runner.invoke(app, ["train", str(cfg), "--out", str(out), "--no-resume", "--set", "recipe.box_loss=ciou"])
+    assert fresh.exit_code == 0, fresh.output
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in lines if e["kind"] == "epoch"] == [1]  # started over: one run's events only
+    assert json.loads((out / "config.resolved.json").read_text())["recipe"]["box_loss"] == "ciou"
+
+
+def test_bench_train_honours_recipe_overrides(synth_root, tmp_path, monkeypatch):
+    """`--set recipe.*` (and the config's recipe:) apply over every preset's recipe; one that a preset
+    cannot take is refused in one line before anything is generated or trained."""
+    import concurrent.futures as cf
+
+    from ablate.bench import bench_train
+
+    submitted = []
+
+    class Inline:  # records what each worker would train, trains nothing
+        def __init__(self, *a, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, config_json):
+            submitted.append(TrialConfig.model_validate_json(config_json))
+            fut = cf.Future()
+            fut.set_result({"preset": submitted[-1].preset, "status": "finished", "train_seconds": 1.0,
+                            "images_per_second": 1.0, "epoch": 1, "AP50": 0.5, "AP": 0.25})
+            return fut
+
+    monkeypatch.setattr(cf, "ProcessPoolExecutor", Inline)
+    base = tiny_config(synth_root, epochs=1).model_copy(update={"recipe": {"box_loss": "ciou"}})
+    rows = bench_train(base, ["yolov3", "retinanet", "ssd"])
+    assert [r.preset for r in rows] == ["yolov3", "retinanet", "ssd"]
+    assert [c.loss_recipe().box_loss for c in submitted] == ["ciou"] * 3
+    assert submitted[1].loss_recipe().assigner == "max_iou"  # the rest of each preset's recipe stays
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps(tiny_config(tmp_path / "never", epochs=1).model_dump(mode="json")))
+    bad = CliRunner().invoke(app, ["bench", "train", "--config", str(cfg), "--presets", "yolov3,yolov1",
+                                   "--set", "recipe.obj_loss=null"])
+    assert bad.exit_code == 2 and "do not fit preset yolov1" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) <= 3  # the banner and one error line (wrapped at most once)
+    assert not (tmp_path / "never").exists()  # refused before the data was generated

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 models of the results store (schema revision 0001).
+"""SQLAlchemy 2.0 models of the results store (schema revision 0002).
 
 The tables are created by the Alembic migrations in ``ablate/store/migrations``,
 never by ``Base.metadata.create_all``; these models mirror them for the ORM.
@@ -81,6 +81,10 @@ class Job(Base):
     mlflow_parent_run_id: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # the driver lease (0002): the token of the driver that holds the job and its last heartbeat;
+    # taken and renewed only by compare-and-set UPDATEs (Store.claim_driver / beat_driver)
+    driver_token: Mapped[Optional[str]] = mapped_column(String(64))
+    driver_heartbeat_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
 
     @property
     def spec(self) -> Any:
@@ -132,6 +136,8 @@ class Trial(Base):
     result_json: Mapped[Optional[str]] = mapped_column(Text)  # the final result dict
     reused_from: Mapped[Optional[int]] = mapped_column(ForeignKey("trials.id", ondelete="SET NULL"))
     checkpoint: Mapped[Optional[str]] = mapped_column(Text)  # where the last epoch's checkpoint lies (resume)
+    # ablate.fingerprint.code_fingerprint() of the code that registered (and so trains) the trial; NULL: before 0002
+    code_fingerprint: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -10,26 +10,25 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import Connection, Engine, bindparam, delete, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, delete, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 from .db import (
     DEFAULT_URL,
     StoreError,
     _one_line,
-    _sqlite_file,
     display_url,
     make_engine,
     schema_status,
     upgrade_engine,
 )
-from .models import JOB_STATES, TRIAL_STATES, Job, Metric, Trial, Variant
-from .readonly import QueryRefused, check_select
+from .models import JOB_STATES, TRIAL_STATES, Job, Metric, Trial, Variant, utcnow
 
 if TYPE_CHECKING:
     import pandas
@@ -38,7 +37,7 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 JOB_FIELDS = frozenset({"state", "mlflow_experiment_id", "mlflow_parent_run_id", "description", "spec_yaml",
                         "spec_json", "baseline", "tracking_uri", "updated_at"})
 TRIAL_FIELDS = frozenset({"state", "attempts", "epoch", "node", "device", "wall_seconds", "error", "mlflow_run_id",
-                          "result_json", "reused_from", "config_json", "checkpoint"})
+                          "result_json", "reused_from", "config_json", "checkpoint", "code_fingerprint"})
 _METRIC_BATCH = 1000  # rows per INSERT (6 parameters a row: far under SQLite's 32766)
 _SQLITE_INSERT_METRICS = (sqlite_insert(Metric.__table__)
                           .on_conflict_do_nothing(index_elements=["trial_id", "name", "step"])
@@ -76,14 +75,11 @@ class Store:
         self.url = url
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._reader: Engine | None = None  # SQLite: unpooled query-only connections for ``query``
 
     def __repr__(self) -> str:
         return f"Store({display_url(self.url)!r})"
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.dispose()
         self.engine.dispose()
 
     def __enter__(self) -> "Store":
@@ -144,6 +140,56 @@ class Store:
             for key, value in fields.items():
                 setattr(job, key, value)
 
+    # --- the driver lease ----------------------------------------------------------------------
+    #
+    # One driver at a time works on a job. The lease is two columns of the job's row (token and
+    # heartbeat), taken by a compare-and-set UPDATE whose WHERE admits only a free, stale or own
+    # lease: the database serialises two such UPDATEs of one row (SQLite: one writer at a time;
+    # PostgreSQL: the second waits on the row lock, then re-checks the WHERE against the committed
+    # row), so of two drivers that race, exactly one gets rowcount 1. No check-then-act.
+
+    def claim_driver(self, name: str, token: str, stale_s: float, **create: Any) -> bool:
+        """Take the job's driver lease for ``token`` and mark the job "running"; False when another
+        driver holds it with a heartbeat younger than ``stale_s`` seconds.
+
+        With ``create`` (the fields of :meth:`create_or_get_job`), a job that does not exist is
+        inserted already leased (``INSERT ... ON CONFLICT DO NOTHING``: a concurrent insert of the
+        same name loses without an error and then meets the lease).
+        """
+        now = utcnow()
+        with self.session() as s:
+            if create:
+                fields = dict(description=create.get("description") or "", spec_yaml=create["spec_yaml"],
+                              spec_json=_json(create["spec_json"]), baseline=create.get("baseline"),
+                              tracking_uri=create.get("tracking_uri"))
+                dialect_insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+                s.execute(dialect_insert(Job.__table__).values(
+                    name=name, state="running", driver_token=token, driver_heartbeat_at=now, created_at=now,
+                    updated_at=now, **fields).on_conflict_do_nothing(index_elements=["name"]))
+            claimed = s.execute(
+                update(Job).where(Job.name == name, or_(
+                    Job.driver_token.is_(None), Job.driver_token == token, Job.driver_heartbeat_at.is_(None),
+                    Job.driver_heartbeat_at < now - timedelta(seconds=stale_s)))
+                .values(driver_token=token, driver_heartbeat_at=now, state="running")
+                .execution_options(synchronize_session=False)).rowcount
+            if not claimed and not create:
+                self._job(s, name)  # a missing job is a StoreError, not a held lease
+            return claimed == 1
+
+    def beat_driver(self, name: str, token: str) -> bool:
+        """Renew ``token``'s lease (heartbeat now); False when it no longer holds it (another driver
+        took the job over after this one's heartbeat went stale)."""
+        with self.session() as s:
+            return s.execute(update(Job).where(Job.name == name, Job.driver_token == token)
+                             .values(driver_heartbeat_at=utcnow())
+                             .execution_options(synchronize_session=False)).rowcount == 1
+
+    def release_driver(self, name: str, token: str) -> None:
+        """Give the lease up (a no-op when ``token`` does not hold it); the last heartbeat stays."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.name == name, Job.driver_token == token).values(driver_token=None)
+                      .execution_options(synchronize_session=False))
+
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job, oldest first: name, state, description, baseline, created_at, updated_at,
         ``trials`` (count of trials per state, only states that occur) and ``n_trials``."""
@@ -165,8 +211,8 @@ class Store:
     def ensure_trials(self, job_name: str, trials: list[dict[str, Any]]) -> list[Trial]:
         """Register a job's trials; return their rows in input order.
 
-        Each dict has ``variant`` (name), ``overrides`` (dict), ``seed``, ``hash`` and
-        ``config`` (dict). Missing variants and trials are created (trials "pending");
+        Each dict has ``variant`` (name), ``overrides`` (dict), ``seed``, ``hash``, ``config``
+        (dict) and optionally ``code_fingerprint``. Missing variants and trials are created (trials "pending");
         an existing (job, variant, seed) row with the same hash is left alone; one whose
         hash differs (the spec changed) gets the new hash and config, is reset to
         "pending" with its run fields and checkpoint cleared, and loses its old metrics. A variant's
@@ -200,11 +246,13 @@ class Store:
                 row = existing.get((v.id, seed))
                 if row is None:
                     row = Trial(job_id=job.id, variant_id=v.id, variant=v, seed=seed, hash=t["hash"],
-                                config_json=_json(t.get("config") or {}), state="pending", attempts=0, epoch=0)
+                                config_json=_json(t.get("config") or {}), state="pending", attempts=0, epoch=0,
+                                code_fingerprint=t.get("code_fingerprint"))
                     s.add(row)
                 elif row.hash != t["hash"]:
                     row.hash = t["hash"]
                     row.config_json = _json(t.get("config") or {})
+                    row.code_fingerprint = t.get("code_fingerprint")
                     _reset(row)
                     reset.append(row.id)
                 out.append(row)
@@ -226,6 +274,26 @@ class Store:
             job = self._job(s, job_name)
             return list(s.scalars(select(Trial).where(Trial.job_id == job.id)
                                   .order_by(Trial.variant_id, Trial.seed)).all())
+
+    def set_code_fingerprint(self, trial_ids: Sequence[int], fingerprint: str) -> None:
+        """Record which code trains these trials (``ablate.fingerprint.code_fingerprint()``)."""
+        if not trial_ids:
+            return
+        with self.session() as s:
+            s.execute(update(Trial).where(Trial.id.in_(list(trial_ids))).values(code_fingerprint=fingerprint)
+                      .execution_options(synchronize_session=False))
+
+    def code_fingerprints(self) -> dict[str, dict[str | None, int]]:
+        """Per job name: how many of its trials that are not "pending" each code fingerprint has
+        (None: recorded before fingerprints). ``ablate status`` compares them with the current code."""
+        with self.session() as s:
+            rows = s.execute(select(Job.name, Trial.code_fingerprint, func.count())
+                             .join(Trial, Trial.job_id == Job.id).where(Trial.state != "pending")
+                             .group_by(Job.name, Trial.code_fingerprint)).all()
+        out: dict[str, dict[str | None, int]] = {}
+        for name, fp, n in rows:
+            out.setdefault(name, {})[fp] = n
+        return out
 
     def finished_trial_with_hash(self, hash: str, exclude_job: str | None = None) -> Trial | None:
         """The most recently finished trial (state "finished", not "reused") with this hash, in any job
@@ -251,7 +319,7 @@ class Store:
 
     def update_trial(self, trial_id: int, **fields: Any) -> None:
         """Set fields of a trial: state, attempts, epoch, node, device, wall_seconds, error, mlflow_run_id,
-        result_json (a dict is dumped), reused_from, config_json, checkpoint."""
+        result_json (a dict is dumped), reused_from, config_json, checkpoint, code_fingerprint."""
         unknown = set(fields) - TRIAL_FIELDS
         if unknown:
             raise TypeError(f"update_trial: unknown field(s) {', '.join(sorted(unknown))}")
@@ -391,83 +459,18 @@ class Store:
         return self._frame(sql, params, floats=("value",), bools=("is_nan",),
                            expanding=("names",) if names is not None else ())
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def query(self, sql: str, timeout: float | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run one read-only SELECT; return its column names and rows.
 
-        Anything else is refused with a one-line StoreError and the store is left
-        untouched: the statement is checked first (one SELECT / WITH, no
-        data-modifying word or side-effecting function), then runs on a read-only
-        connection (SQLite ``PRAGMA query_only``; PostgreSQL a READ ONLY
-        transaction that is rolled back).
+        Delegates to :func:`ablate.store.readonly.run_query`: the statement is classified by a
+        SQL parser, then runs under the database's own limits (PostgreSQL: the ``ablate_reader``
+        role in a READ ONLY transaction with a statement timeout; SQLite: ``query_only``, an
+        authorizer that allows reads of the store's tables and views only, a progress-handler
+        timeout). Anything else is a one-line StoreError and the store is left untouched.
         """
-        dialect = self.engine.dialect.name
-        try:
-            statement = check_select(sql, dialect)
-        except QueryRefused as e:
-            raise StoreError(f"query refused: {e}") from None
-        try:
-            with self._read_only_connection() as conn:
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(statement)  # no parameters: the driver parses no placeholders
-                    if cursor.description is None:
-                        raise StoreError("query refused: it returns no rows")
-                    columns = [d[0] for d in cursor.description]
-                    rows = [tuple(r) for r in cursor.fetchall()]
-                finally:
-                    cursor.close()
-        except StoreError:
-            raise
-        except Exception as e:  # the driver's error for a bad query: one line
-            raise StoreError(f"query failed: {_one_line(e)}") from None
-        return columns, rows
+        from .readonly import DEFAULT_TIMEOUT_S, run_query
 
-    @contextmanager
-    def _read_only_connection(self) -> Iterator[Connection]:
-        """A connection that cannot write, its transaction rolled back at the end.
-
-        SQLite file: a fresh, unpooled connection with ``PRAGMA query_only`` (whatever
-        the query does to the connection dies with it). SQLite in memory: the pooled
-        connection, query-only for the duration. PostgreSQL: a READ ONLY transaction,
-        rolled back (which also undoes any setting the query changed).
-        """
-        if self.engine.dialect.name == "postgresql":
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-                try:
-                    yield conn
-                finally:
-                    conn.rollback()
-            return
-        if _sqlite_file(self.engine.url) is not None:
-            if self._reader is None:
-                self._reader = make_engine(self.url, poolclass=NullPool)
-                event.listen(self._reader, "connect", _query_only)
-            with self._reader.connect() as conn:
-                try:
-                    yield conn
-                finally:
-                    conn.rollback()
-            return
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA query_only = ON")
-            try:
-                yield conn
-            finally:
-                conn.rollback()
-                try:
-                    conn.exec_driver_sql("PRAGMA query_only = OFF")
-                except Exception:
-                    conn.invalidate()  # never hand a query-only connection back to the pool
-                    raise
-
-
-def _query_only(dbapi_connection: Any, _record: Any) -> None:
-    cur = dbapi_connection.cursor()
-    try:
-        cur.execute("PRAGMA query_only = ON")
-    finally:
-        cur.close()
+        return run_query(self, sql, timeout=DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
 def open_store(url: str = DEFAULT_URL, create: bool = True) -> Store:

@@ -44,6 +44,9 @@ class DataConfig(_Frozen):
     hflip: float = Field(0.5, ge=0, le=1)
     jitter: float = Field(0.2, ge=0, le=1)
     hue: float = Field(0.02, ge=0, le=0.5)
+    # decoded images: "memory" keeps each one (uint8, original size) per process after its first
+    # decode; "none" decodes every time (sets that do not fit in memory: COCO train2017 is ~100 GB)
+    cache: Literal["memory", "none"] = "memory"
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -206,6 +206,64 @@ def test_synth_command_generates_skips_and_refuses(cli, tmp_path):
     assert third.exit_code == 2 and "--out" in third.output and "num_train 3 (asked 4)" in third.output
 
 
+# -- the easy variant ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory):
+    """60 + 5 images of the easy variant at 160 px, seed 0."""
+    return generate_synthetic(tmp_path_factory.mktemp("easy") / "set", num_train=60, num_val=5, seed=0, variant="easy")
+
+
+def test_synth_easy_variant_has_few_large_disjoint_objects(easy):
+    data = json.loads(easy.annotations("train").read_text())
+    per_image: dict[int, list[list[float]]] = {im["id"]: [] for im in data["images"]}
+    for a in data["annotations"]:
+        per_image[a["image_id"]].append(a["bbox"])
+    counts = [len(b) for b in per_image.values()]
+    assert min(counts) >= 1 and max(counts) <= 3 and len(set(counts)) >= 2  # 1-3 objects, not all the same
+    for boxes in per_image.values():
+        xywh = np.asarray(boxes)  # [G, 4]
+        side = np.sqrt(xywh[:, 2] * xywh[:, 3])
+        # nothing is occluded, so a box is its shape's full box (up to the pixel grid)
+        assert np.all(side >= 0.3 * 160 - 2) and np.all(side <= 0.55 * 160 + 2)
+        assert np.all(np.maximum(xywh[:, 2] / xywh[:, 3], xywh[:, 3] / xywh[:, 2]) <= 2.0 * 1.1)
+        xyxy = torch.as_tensor(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
+        iou = box_iou(xyxy, xyxy).fill_diagonal_(0)
+        assert float(iou.max()) == 0.0  # no two boxes overlap
+        cells = {(int((x + w / 2) // 32), int((y + h / 2) // 32)) for x, y, w, h in boxes}
+        assert len(cells) == len(boxes)  # one object per cell of a 5 x 5 (stride-32) grid
+    record = json.loads((easy.root / "synth.json").read_text())
+    assert record["params"]["variant"] == "easy"
+
+
+def test_synth_variant_is_part_of_the_set_identity(tmp_path):
+    out = tmp_path / "s"
+    generate_synthetic(out, num_train=2, num_val=1, image_size=64, seed=1, variant="easy")
+    with pytest.raises(FileExistsError, match="other parameters: variant easy \\(asked standard\\)"):
+        generate_synthetic(out, num_train=2, num_val=1, image_size=64, seed=1)
+    std = generate_synthetic(tmp_path / "std", num_train=2, num_val=1, image_size=64, seed=1)
+    # a standard set records no variant, so sets generated before variants existed are still reused
+    assert "variant" not in json.loads((std.root / "synth.json").read_text())["params"]
+    with pytest.raises(FileExistsError, match="other parameters: variant standard \\(asked easy\\)"):
+        generate_synthetic(std.root, num_train=2, num_val=1, image_size=64, seed=1, variant="easy")
+    a = render_image(np.random.default_rng([1, 0, 0]), 64, "easy")
+    b = render_image(np.random.default_rng([1, 0, 0]), 64)
+    assert not np.array_equal(a.image, b.image)
+    with pytest.raises(ValueError, match="unknown synthetic variant 'hard'; choose one of standard, easy"):
+        generate_synthetic(tmp_path / "h", num_train=2, num_val=1, image_size=64, variant="hard")
+    assert not (tmp_path / "h").exists()
+
+
+def test_synth_command_variant(cli, tmp_path):
+    ok = cli("--out", tmp_path / "e", "--train", 2, "--val", 1, "--size", 64, "--variant", "easy")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "e" / "synth.json").read_text())["params"]["variant"] == "easy"
+    bad = cli("--out", tmp_path / "x", "--train", 2, "--val", 1, "--size", 64, "--variant", "hard")
+    assert bad.exit_code == 2 and "--variant" in bad.output and "hard" in bad.output
+    assert not (tmp_path / "x").exists()
+
+
 # -- COCO dataset ----------------------------------------------------------------------------------
 
 
@@ -309,7 +367,7 @@ def test_dataset_ignores_crowd_annotations(small_set):
     assert 0 not in t["labels"].tolist()  # category 1 only had the crowd box
 
 
-@pytest.mark.parametrize(("cache", "decodes"), [(True, 3), (False, 6)])
+@pytest.mark.parametrize(("cache", "decodes"), [("memory", 3), ("none", 6)])
 def test_dataset_cache_avoids_decoding_twice(small_set, monkeypatch, cache, decodes):
     calls = []
 
@@ -539,11 +597,11 @@ def test_data_package_imports_no_service_libraries():
 def test_synth_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     calls = []
 
-    def failing(rng, size):
+    def failing(rng, size, *variant):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(rng, size)
+        return real(rng, size, *variant)
 
     real = synth_module.render_image
     monkeypatch.setattr(synth_module, "render_image", failing)
@@ -561,3 +619,36 @@ def test_synth_concurrent_generation_ends_with_one_set(tmp_path):
     assert sum(i.generated for i in infos) >= 1 and len({json.dumps(i.stats) for i in infos}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
     assert len(list((tmp_path / "s" / "train").glob("*.png"))) == 20
+
+
+# -- the image cache as a config field (data.cache) --------------------------------------------------
+
+
+@pytest.mark.parametrize(("cache", "kept"), [("memory", 3), ("none", 0)])
+def test_data_cache_config_reaches_the_datasets(small_set, cache, kept):
+    """``data.cache`` in a trial config is what ``build_data`` gives both datasets: ``none`` keeps no
+    decoded image after a full pass, ``memory`` keeps every one."""
+    from ablate.config import TrialConfig
+    from ablate.train import build_data
+
+    ann, images = small_set
+    coco = {"train_ann": ann, "train_images": images, "val_ann": ann, "val_images": images}
+    config = TrialConfig.model_validate({"data": {"coco": coco, "image_size": 64, "cache": cache}})
+    for ds in build_data(config):
+        assert ds.cache == cache
+        for i in range(len(ds)):
+            ds[i]
+        assert len(ds._decoded) == kept
+
+
+def test_data_cache_default_and_bad_values(small_set, tmp_path):
+    from ablate.config import ConfigError, DataConfig, load_trial_config
+
+    assert DataConfig(synthetic={}).cache == "memory"  # as before the field existed
+    path = tmp_path / "trial.yaml"
+    path.write_text("data: {synthetic: {}, cache: disk}\n")
+    with pytest.raises(ConfigError, match=r"trial.yaml: data.cache: Input should be 'memory' or 'none'") as e:
+        load_trial_config(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"cache: unknown mode 'disk'; choose one of memory, none"):
+        CocoDetection(*small_set, image_size=64, train=False, cache="disk")

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,7 +28,10 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .transforms import AugmentConfig, DetectionTransform, letterbox_geometry
 
-__all__ = ["CocoDetection", "DatasetError", "collate", "fingerprint"]
+__all__ = ["CACHE_MODES", "CocoDetection", "DatasetError", "collate", "fingerprint"]
+
+#: Where decoded images are kept: ``memory`` (a dict per process) or ``none`` (decoded on every access).
+CACHE_MODES = ("memory", "none")
 
 #: How far (pixels) a box may reach beyond the image before it is an error; within it, boxes are clipped.
 BOX_TOLERANCE = 1.0
@@ -105,10 +108,11 @@ class CocoDetection(Dataset):
     ``input_xy = orig_xy * scale + pad`` (``transforms.boxes_to_original`` maps back).
 
     ``train=True`` applies ``augment`` (``AugmentConfig()`` when None); ``train=False`` only
-    letterboxes. With ``cache=True`` every decoded image (uint8, original size) is kept in a
+    letterboxes. With ``cache="memory"`` every decoded image (uint8, original size) is kept in a
     dict on the instance, so after the first epoch nothing is decoded again (per process:
-    each DataLoader worker holds its own; use ``persistent_workers``). Turn it off for sets
-    that do not fit in memory (COCO train2017 decoded is ~100 GB).
+    each DataLoader worker holds its own; use ``persistent_workers``). ``cache="none"`` keeps
+    nothing and decodes on every access: for sets that do not fit in memory (COCO train2017
+    decoded is ~100 GB). A trial sets it with ``data.cache``.
     """
 
     def __init__(
@@ -118,8 +122,10 @@ class CocoDetection(Dataset):
         image_size: int,
         train: bool,
         augment: AugmentConfig | None = None,
-        cache: bool = True,
+        cache: Literal["memory", "none"] = "memory",
     ) -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache: unknown mode {cache!r}; choose one of {', '.join(CACHE_MODES)}")
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.image_size = image_size
@@ -212,7 +218,7 @@ class CocoDetection(Dataset):
         return torch.cat(sizes) if sizes else torch.zeros(0, 2)
 
     def _image(self, index: int) -> Tensor:
-        """``uint8 Tensor[3, H, W]`` of image ``index``, decoded once when caching."""
+        """``uint8 Tensor[3, H, W]`` of image ``index``, decoded once with ``cache="memory"``."""
         image = self._decoded.get(index)
         if image is not None:
             return image
@@ -224,7 +230,7 @@ class CocoDetection(Dataset):
         if tuple(image.shape[-2:]) != (rec.height, rec.width):
             raise DatasetError(f"{rec.path}: image is {image.shape[-1]}x{image.shape[-2]} pixels but "
                                f"{self.ann_file.name} says {rec.width}x{rec.height}")
-        if self.cache:
+        if self.cache == "memory":
             self._decoded[index] = image
         return image
 

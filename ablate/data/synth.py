@@ -32,6 +32,15 @@ segmentations; pycocotools uses ``area`` for its small / medium / large ranges).
 Image ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split, i])``, so a
 set is a pure function of its parameters: the same seed gives byte-identical JSON and
 identical pixels.
+
+Variants (``variant=``, ``ablate data synth --variant``): ``standard`` is the set above;
+``easy`` draws 1-3 objects per image (30 / 40 / 30%, before placements that fail), sides
+``sqrt(w h)`` in ``[0.3 S, 0.55 S)``, aspect in ``[1/2, 2]``, and places an object only where
+its box overlaps no other box (nothing occluded). Its smallest side, ``0.3 S / sqrt 2 >= 0.21
+S``, exceeds a cell of a 5 x 5 grid, so two disjoint boxes never share a centre cell there
+(stride 32 at 160 px: YOLOv1's and YOLOv2's grid). It checks that a loss recipe can learn at
+all, apart from crowding and small objects. The variant is part of the set's parameters
+(``synth.json``), so a stored set of the other variant is refused, not reused.
 """
 
 from __future__ import annotations
@@ -52,8 +61,10 @@ from PIL import Image
 
 __all__ = [
     "CATEGORIES",
+    "VARIANTS",
     "Rendered",
     "SynthInfo",
+    "Variant",
     "generate_synthetic",
     "render_image",
     "synth_command",
@@ -79,6 +90,24 @@ GENERATOR_VERSION = 3
 MIN_IMAGE_SIZE = 64
 #: The split names and their index in the per-image seed.
 SPLITS: tuple[str, ...] = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The object knobs of a named variant of the set (the background is the same in all)."""
+
+    count_probs: tuple[float, ...]  # probability of 0, 1, ... objects per image
+    size_bands: tuple[tuple[float, float, float], ...]  # (lo, hi, probability) of sqrt(w h) / S
+    max_aspect: float  # w / h log-uniform in [1 / max_aspect, max_aspect]
+    min_visible: float  # fraction of its pixels every object keeps visible
+    disjoint: bool  # True: an object's box may not overlap any other object's box
+
+
+#: Named variants; ``standard`` is the set of the module docstring.
+VARIANTS: dict[str, Variant] = {
+    "standard": Variant(COUNT_PROBS, SIZE_BANDS, MAX_ASPECT, MIN_VISIBLE, disjoint=False),
+    "easy": Variant((0.0, 0.3, 0.4, 0.3), ((0.3, 0.55, 1.0),), 2.0, 1.0, disjoint=True),
+}
 
 
 class Rendered(NamedTuple):
@@ -219,12 +248,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 # -- objects ---------------------------------------------------------------------------------------
 
 
-def _object_size(rng: np.random.Generator, size: int) -> tuple[float, float]:
-    """``(w, h)`` in pixels: a side from the size bands, an aspect ratio in ``[1/3, 3]``."""
-    band = rng.choice(len(SIZE_BANDS), p=[p for _, _, p in SIZE_BANDS])
-    lo, hi, _ = SIZE_BANDS[band]
+def _object_size(rng: np.random.Generator, size: int, v: Variant) -> tuple[float, float]:
+    """``(w, h)`` in pixels: a side from the size bands, an aspect ratio in ``[1/a, a]``."""
+    band = rng.choice(len(v.size_bands), p=[p for _, _, p in v.size_bands])
+    lo, hi, _ = v.size_bands[band]
     side = size * np.exp(rng.uniform(np.log(lo), np.log(hi)))
-    aspect = np.exp(rng.uniform(-np.log(MAX_ASPECT), np.log(MAX_ASPECT)))
+    aspect = np.exp(rng.uniform(-np.log(v.max_aspect), np.log(v.max_aspect)))
     smallest = max(4.0, size / 40)
     w = float(np.clip(side * np.sqrt(aspect), smallest, size - 2))
     h = float(np.clip(side / np.sqrt(aspect), smallest, size - 2))
@@ -239,25 +268,36 @@ def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     return candidates[good[0] if good.size else int(dist.argmax())]
 
 
-def render_image(rng: np.random.Generator, size: int) -> Rendered:
-    """Draw one ``size x size`` image and its objects from ``rng``."""
+def _variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown synthetic variant {name!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+def render_image(rng: np.random.Generator, size: int, variant: str = "standard") -> Rendered:
+    """Draw one ``size x size`` image of ``variant`` (see :data:`VARIANTS`) and its objects from ``rng``."""
+    knobs = _variant(variant)
     canvas = _background(rng, size)  # [S, S, 3]
     owner = np.full((size, size), -1, dtype=np.int16)
     labels: list[int] = []
     windows: list[tuple[int, int, int, int]] = []  # col0, row0, width, height of each object's mask
     full: list[int] = []
     visible = np.zeros(0, dtype=np.int64)  # [k], pixels of each placed object still visible
-    for _ in range(int(rng.choice(len(COUNT_PROBS), p=COUNT_PROBS))):
+    for _ in range(int(rng.choice(len(knobs.count_probs), p=knobs.count_probs))):
         label = int(rng.integers(len(CATEGORIES)))
-        w, h = _object_size(rng, size)
+        w, h = _object_size(rng, size, knobs)
         for _ in range(PLACEMENT_TRIES):
             x0, y0 = rng.uniform(0.0, size - w), rng.uniform(0.0, size - h)
             c0, r0, mask = _shape_mask(label, x0, y0, w, h, size)
+            if knobs.disjoint and any(c0 < c + ww and c < c0 + mask.shape[1] and r0 < r + hh and r < r0 + mask.shape[0]
+                                  for c, r, ww, hh in windows):
+                continue
             area = int(mask.sum())
             region = owner[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]  # view
             below = region[mask]
             covered = np.bincount(below[below >= 0], minlength=len(labels))  # [k]
-            if area == 0 or np.any(visible - covered < MIN_VISIBLE * np.asarray(full)):
+            if area == 0 or np.any(visible - covered < knobs.min_visible * np.asarray(full)):
                 continue
             patch = canvas[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]]  # view
             colour = _object_colour(rng, patch[mask].mean(axis=0))
@@ -285,9 +325,18 @@ def render_image(rng: np.random.Generator, size: int) -> Rendered:
 # -- the set on disk -------------------------------------------------------------------------------
 
 
-def _params(num_train: int, num_val: int, image_size: int, seed: int) -> dict:
-    return {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
-            "image_size": image_size, "seed": seed}
+def _params(num_train: int, num_val: int, image_size: int, seed: int, variant: str = "standard") -> dict:
+    """The set's identity (``synth.json``); ``variant`` is recorded unless ``standard``, so sets
+    generated before variants existed are still recognised."""
+    params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
+              "image_size": image_size, "seed": seed}
+    if variant != "standard":
+        params["variant"] = variant
+    return params
+
+
+#: Values of parameters that ``_params`` leaves out when they are the default.
+_DEFAULTS = {"variant": "standard"}
 
 
 def _existing(out: Path, params: dict) -> dict | None:
@@ -312,7 +361,9 @@ def _existing(out: Path, params: dict) -> dict | None:
         raise FileExistsError(f"{marker} is not a synthetic set's record; "
                               f"remove {out} or choose another directory") from None
     if old != params:
-        diff = ", ".join(f"{k} {old.get(k)} (asked {v})" for k, v in params.items() if old.get(k) != v)
+        keys = list(params) + [k for k in old if k not in params]
+        diff = ", ".join(f"{k} {old.get(k, _DEFAULTS.get(k))} (asked {params.get(k, _DEFAULTS.get(k))})"
+                         for k in keys if old.get(k) != params.get(k))
         raise FileExistsError(f"{out} holds a synthetic set with other parameters: {diff}; "
                               "remove it or choose another directory")
     missing = [s for s in SPLITS if not (out / "annotations" / f"instances_{s}.json").is_file()]
@@ -353,7 +404,7 @@ def _split_stats(objects: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 
 def _write_set(root: Path, params: dict, progress: Callable[[str], None] | None) -> dict:
     """Render and write every image and annotation file of ``params`` under ``root``; the stats per split."""
-    size, seed = params["image_size"], params["seed"]
+    size, seed, variant = params["image_size"], params["seed"], params.get("variant", "standard")
     counts = (params["num_train"], params["num_val"])
     total, done, step = sum(counts), 0, max(1, sum(counts) // 10)
     stats = {}
@@ -362,7 +413,7 @@ def _write_set(root: Path, params: dict, progress: Callable[[str], None] | None)
         (root / split).mkdir()
         objects = []
         for i in range(count):
-            r = render_image(np.random.default_rng([seed, split_index, i]), size)
+            r = render_image(np.random.default_rng([seed, split_index, i]), size, variant)
             Image.fromarray(r.image).save(root / split / f"{i:06d}.png", compress_level=1)
             objects.append((r.labels, r.boxes))
             done += 1
@@ -382,6 +433,7 @@ def generate_synthetic(
     image_size: int = 160,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    variant: str = "standard",
 ) -> SynthInfo:
     """Write the synthetic set under ``out`` (see the module docstring) and return where it lies.
 
@@ -392,7 +444,8 @@ def generate_synthetic(
     The set is written into a hidden sibling directory and renamed to ``out`` when complete,
     so an interrupted run leaves nothing behind and processes that generate the same set
     at once (several workers of a node) all end up with the one complete copy.
-    ``progress`` gets a line about every 10% of the images.
+    ``progress`` gets a line about every 10% of the images. ``variant`` is one of
+    :data:`VARIANTS` (``easy``: 1-3 large objects, no overlap; see the module docstring).
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
@@ -400,8 +453,9 @@ def generate_synthetic(
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    _variant(variant)
     out = Path(out)
-    params = _params(num_train, num_val, image_size, seed)
+    params = _params(num_train, num_val, image_size, seed, variant)
     start = time.perf_counter()
 
     def info(stats: dict, generated: bool) -> SynthInfo:
@@ -433,6 +487,8 @@ def synth_command(
     val: int = typer.Option(200, help="Validation images."),
     size: int = typer.Option(160, help=f"Image side in pixels (square, >= {MIN_IMAGE_SIZE})."),
     seed: int = typer.Option(0, help="Seed; the same seed and sizes give byte-identical files."),
+    variant: str = typer.Option("standard", help="standard: the set described above; easy: 1-3 large objects "
+                                "(sides 0.3-0.55 S, aspect 1:2-2:1) per image, boxes never overlapping."),
 ) -> None:
     """Generate the synthetic COCO-format detection set (shapes on cluttered backgrounds).
 
@@ -453,13 +509,17 @@ def synth_command(
         raise typer.BadParameter(f"must be >= {MIN_IMAGE_SIZE}, got {size}", param_hint="--size")
     if seed < 0:
         raise typer.BadParameter(f"must be >= 0, got {seed}", param_hint="--seed")
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}",
+                                 param_hint="--variant")
     try:
-        info = generate_synthetic(out, train, val, size, seed, progress=lambda line: typer.echo(line, err=True))
+        info = generate_synthetic(out, train, val, size, seed, progress=lambda line: typer.echo(line, err=True),
+                                  variant=variant)
     except FileExistsError as e:
         raise typer.BadParameter(str(e), param_hint="--out") from None
     if not info.generated:
-        typer.echo(f"{out} already holds this synthetic set (seed {seed}, {train} + {val} images at {size} px); "
-                   "nothing to do", err=True)
+        typer.echo(f"{out} already holds this synthetic set ({variant}, seed {seed}, {train} + {val} images "
+                   f"at {size} px); nothing to do", err=True)
         return
     for split in SPLITS:
         s = info.stats[split]

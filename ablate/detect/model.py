@@ -202,17 +202,32 @@ class Head(nn.Module):
         return torch.cat((box, cls), 2).view(B, self.a * self.k, H, W)
 
 
+#: Strides the neck always fuses (up to the head's coarsest level), whatever levels the head has:
+#: a single stride-32 head (YOLOv1, YOLOv2) then reads the stride-32 output of FPN + PAN over
+#: 8/16/32, as YOLOv2's passthrough layer brings finer features to its one level, instead of a
+#: lone 1x1 conv on the backbone (on which it barely learned: AP50 0.007 with YOLOv3's recipe on
+#: the easy synthetic set; tests/test_presets_learn.py).
+NECK_STRIDES = (8, 16, 32)
+
+
 class Detector(nn.Module):
-    """Backbone + neck + one head per level with ``A_l * K`` outputs per cell."""
+    """Backbone + neck + one head per level with ``A_l * K`` outputs per cell.
+
+    The neck runs over the head's strides plus :data:`NECK_STRIDES` (up to the coarsest head
+    stride), and the heads read the levels they predict at; for the three- and five-level presets
+    the two sets are the same.
+    """
 
     def __init__(self, layout: AnchorLayout, recipe: LossRecipe, num_classes: int, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.strides = layout.strides
         self.anchors_per_level = layout.anchors_per_level
         self.k = recipe.head_channels(num_classes)
-        self.backbone = Backbone(self.strides, config.width, config.depth)
+        fused = tuple(sorted(set(self.strides) | {s for s in NECK_STRIDES if s <= max(self.strides)}))
+        self._head_levels = [fused.index(s) for s in self.strides]  # which neck outputs the heads read
+        self.backbone = Backbone(fused, config.width, config.depth)
         c = config.neck_channels or max(32, _ch(256 * config.width))
-        self.neck = Neck([self.backbone.out_channels[s] for s in self.strides], c, config.depth)
+        self.neck = Neck([self.backbone.out_channels[s] for s in fused], c, config.depth)
         n_box = 4 + int(recipe.has_objectness)
         self.heads = nn.ModuleList(Head(c, a, self.k, n_box, config.head, config.head_width)
                                    for a in self.anchors_per_level)
@@ -249,9 +264,10 @@ class Detector(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """``Tensor[B, 3, S, S] -> Tensor[B, N, K]``."""
-        feats = self.neck(self.backbone(images))
+        fused = self.neck(self.backbone(images))
         outs = []
-        for f, head, a in zip(feats, self.heads, self.anchors_per_level):
+        for i, head, a in zip(self._head_levels, self.heads, self.anchors_per_level):
+            f = fused[i]  # [B, c, H, W] at this head's stride
             y = head(f)  # [B, A*K, H, W]
             B, _, H, W = y.shape
             outs.append(y.view(B, a, self.k, H, W).permute(0, 3, 4, 1, 2).reshape(B, H * W * a, self.k))

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ablate.cli import app
 from ablate.runner import run_job
 from ablate.spec import load_job_spec
-from ablate.store import open_store
+from ablate.store import StoreError, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -52,8 +52,14 @@ def _trials_now(spec) -> list:
     """The job's trials as the store has them now ([] before the driver registered the job)."""
     if not Path(spec.store.removeprefix("sqlite:///")).exists():
         return []
-    store = open_store(spec.store)
-    return store.trials_of(spec.name) if store.get_job(spec.name) is not None else []
+    try:  # never create the schema here: that would race the driver's own migration of a new file
+        store = open_store(spec.store, create=False)
+    except StoreError:  # the driver is still creating the schema
+        return []
+    try:
+        return store.trials_of(spec.name) if store.get_job(spec.name) is not None else []
+    finally:
+        store.close()
 
 
 def _run(path: Path, tmp: Path, **kw):
@@ -254,6 +260,7 @@ def test_cancel_stops_a_running_job(tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:
             time.sleep(0.3)
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # the driver must not have ended
             if any(t.state == "running" and t.epoch >= 1 for t in _trials_now(spec)):
                 break
         cancel = CliRunner().invoke(app, ["cancel", spec.name, "--store", spec.store])

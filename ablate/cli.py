@@ -290,5 +290,5 @@ def _metrics_table(title: str, m: dict) -> Table:
 
 
 # --------------------------------------------------------------------------- jobs
-from . import cli_jobs  # noqa: E402,F401  (registers submit, status, resume, cancel, results, query, ui, db)
+from . import cli_jobs  # noqa: E402,F401  (registers submit, status, resume, cancel, sync, results, query, ui, db)
 from . import cli_report  # noqa: E402,F401  (registers report)

@@ -25,6 +25,7 @@ VERSION_TABLE = "ablate_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ABLATE_TABLES = ("jobs", "variants", "trials", "metrics")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 _PG_MIGRATION_LOCK = 0x61626C617465  # pg_advisory_xact_lock key ("ablate"): one migrator at a time
 
 
@@ -74,7 +75,9 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for a store URL: SQLite in WAL mode with a busy timeout and foreign keys on.
+    """An engine for a store URL: SQLite in WAL mode with a busy timeout and foreign keys on;
+    PostgreSQL with ``pool_pre_ping`` and a connect timeout (``PG_CONNECT_TIMEOUT_S`` unless the
+    URL sets one).
 
     A SQLite file's parent folder is created when missing.
     """
@@ -88,8 +91,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(u, connect_args=connect_args, **kwargs)
         event.listen(engine, "connect", _on_sqlite_connect)
     else:
+        # a pooled connection that a server restart killed is found by a ping at checkout and
+        # replaced, instead of failing the next statement
         kwargs.setdefault("pool_pre_ping", True)
-        engine = create_engine(u, **kwargs)
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        # an unreachable server fails a connect in seconds (libpq waits forever by default), so
+        # the store's retry (Store.retry_s) keeps its time budget
+        if "connect_timeout" not in u.query:
+            connect_args.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+        engine = create_engine(u, connect_args=connect_args, **kwargs)
     return engine
 
 
@@ -239,3 +249,27 @@ def _null_pool() -> Any:
 def _one_line(e: BaseException) -> str:
     msg = str(getattr(e, "orig", None) or e).strip().splitlines()
     return msg[0] if msg else type(e).__name__
+
+
+def create_database(url: str) -> bool:
+    """Create the PostgreSQL database that ``url`` names when it does not exist (through the
+    server's ``postgres`` database, with the same login); True when it was created. SQLite files
+    are created by the first connection, so this is a no-op there."""
+    u = parse_url(url)
+    if u.get_backend_name() != "postgresql" or not u.database:
+        return False
+    from sqlalchemy import text
+
+    admin = make_engine(u.set(database="postgres").render_as_string(hide_password=False), poolclass=_null_pool(),
+                        isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": u.database}).first():
+                return False
+            quoted = conn.dialect.identifier_preparer.quote(u.database)
+            conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+            return True
+    except SQLAlchemyError as e:
+        raise StoreError(f"store {display_url(url)}: cannot create database {u.database!r}: {_one_line(e)}") from e
+    finally:
+        admin.dispose()

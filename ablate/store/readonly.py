@@ -366,7 +366,10 @@ def _connected(engine: Engine, shown: str, fix: str | None = None) -> Engine:
             pass
     except SQLAlchemyError as e:
         engine.dispose()
-        raise StoreError(f"cannot read store as {shown}: {_one_line(e)}" + (f"; {fix}" if fix else "")) from None
+        msg = _one_line(e)
+        if "database" in msg and "does not exist" in msg:  # not a role problem: the store is not there
+            fix = f"create it with `ablate db upgrade --store {shown}`"
+        raise StoreError(f"cannot read store as {shown}: {msg}" + (f"; {fix}" if fix else "")) from None
     return engine
 
 

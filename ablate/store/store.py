@@ -3,20 +3,33 @@
 Only the driver writes here (workers never open the store). Objects returned
 by the methods are detached but fully loaded (``expire_on_commit=False``; a
 trial's variant comes with it), so callers read their attributes freely.
+
+A database restart or a dropped connection does not end a job: each method the driver calls
+runs again, with exponential backoff, for up to ``Store.retry_s`` seconds (60 by default,
+``ABLATE_STORE_RETRY_S``) when it fails on a lost connection (:func:`is_connection_error`;
+never on an integrity, programming or data error, nor a statement timeout). Every such
+method is one transaction and idempotent (metric points are keyed by (trial, name, step)
+and inserted with ON CONFLICT DO NOTHING; the rest are compare-and-set or plain sets), so
+running one again after a commit whose answer was lost changes nothing. The engine pings a
+pooled connection before use (``pool_pre_ping``), so a connection the restart killed is
+replaced rather than failing the next call.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from sqlalchemy import Engine, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import (
@@ -50,6 +63,82 @@ _PG_INSERT_METRICS = text(
     "ON CONFLICT (trial_id, name, step) DO NOTHING RETURNING step")
 
 
+#: Seconds a store call goes on retrying through a lost database connection (``ABLATE_STORE_RETRY_S``).
+STORE_RETRY_S = 60.0
+#: PostgreSQL SQLSTATEs of a server going away or not yet back: admin_shutdown (a restart),
+#: crash_shutdown, cannot_connect_now ("the database system is starting up"); class 08 is
+#: "connection exception".
+_PG_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+_T = TypeVar("_T")
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """Whether ``e`` means the database connection was lost or could not be made (a server
+    restarting, a dropped connection): worth running the transaction again.
+
+    True for a SQLAlchemy error whose connection SQLAlchemy invalidated (its disconnect
+    detection), and for psycopg's ``OperationalError`` without a SQLSTATE (connection refused,
+    server closed the connection) or with a connection SQLSTATE (class 08, 57P01-57P03).
+    False for everything else: integrity and programming errors, a statement timeout
+    (57014), SQLite's errors (a locked SQLite file already waits ``busy_timeout``).
+    """
+    if isinstance(e, DBAPIError):
+        if e.connection_invalidated:
+            return True
+        e = e.orig
+    try:
+        import psycopg
+    except ImportError:  # no PostgreSQL driver: no PostgreSQL connection to lose
+        return False
+    if not isinstance(e, psycopg.OperationalError):
+        return False
+    state = getattr(e, "sqlstate", None)
+    return state is None or state.startswith("08") or state in _PG_CONNECTION_STATES
+
+
+def retry_on_disconnect(call: Callable[[], _T], *, budget_s: float, notify: Optional[Callable[[str], None]] = None,
+                        what: str = "store", sleep: Callable[[float], None] = time.sleep,
+                        clock: Callable[[], float] = time.monotonic) -> _T:
+    """``call()``, run again after a lost connection (:func:`is_connection_error`) with
+    exponential backoff (0.5 s, 1, 2, 4, then every 8 s) for up to ``budget_s`` seconds in all;
+    any other error, or the last connection error once the budget is spent, is raised at once.
+
+    ``call`` must be one transaction that may run twice (its first commit's answer may have
+    been lost). ``notify`` gets one line when the first retry starts and one when a retry
+    succeeds (not one per attempt). ``sleep`` and ``clock``: tests pass fakes.
+    """
+    started = clock()
+    delay, failures = 0.5, 0
+    while True:
+        try:
+            result = call()
+        except Exception as e:
+            if not is_connection_error(e) or clock() - started + delay > budget_s:
+                raise
+            failures += 1
+            if failures == 1 and notify is not None:
+                notify(f"warning: {what}: connection lost ({_one_line(e)}); retrying for up to {budget_s:g} s")
+            sleep(delay)
+            delay = min(2 * delay, 8.0)
+        else:
+            if failures and notify is not None:
+                notify(f"{what}: connected again after {clock() - started:.0f} s ({failures} retries)")
+            return result
+
+
+def _retrying(method: Callable[..., _T]) -> Callable[..., _T]:
+    """A Store method that :func:`retry_on_disconnect` runs again after a lost connection."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any) -> _T:
+        if self.retry_s <= 0:
+            return method(self, *args, **kwargs)
+        return retry_on_disconnect(lambda: method(self, *args, **kwargs), budget_s=self.retry_s,
+                                   notify=self.notify, what=f"store {display_url(self.url)}")
+
+    return wrapper
+
+
 def _json(value: Any) -> str:
     """A JSON text column's value: strings pass through (already JSON), anything else is dumped."""
     if isinstance(value, str):
@@ -75,6 +164,10 @@ class Store:
         self.url = url
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        #: seconds a call retries through a lost connection (0: never); see the module's docstring
+        self.retry_s = float(os.environ.get("ABLATE_STORE_RETRY_S", STORE_RETRY_S))
+        #: gets a line when a call starts retrying and when it got through (the driver prints it)
+        self.notify: Optional[Callable[[str], None]] = None
 
     def __repr__(self) -> str:
         return f"Store({display_url(self.url)!r})"
@@ -96,6 +189,7 @@ class Store:
 
     # --- jobs ---------------------------------------------------------------------------------
 
+    @_retrying
     def get_job(self, name: str) -> Job | None:
         with self.session() as s:
             return s.scalar(select(Job).where(Job.name == name))
@@ -106,6 +200,7 @@ class Store:
             raise StoreError(f"no job named {name!r} in store {display_url(self.url)}")
         return job
 
+    @_retrying
     def create_or_get_job(self, name: str, *, description: str | None = "", spec_yaml: str, spec_json: Any,
                           baseline: str | None = None, tracking_uri: str | None = None) -> Job:
         """The job called ``name``: created (state "running") or, if it exists, its spec fields updated.
@@ -126,6 +221,7 @@ class Store:
             s.flush()
             return job
 
+    @_retrying
     def set_job(self, name: str, **fields: Any) -> None:
         """Set fields of a job: state, mlflow_experiment_id, mlflow_parent_run_id, description, baseline, ..."""
         unknown = set(fields) - JOB_FIELDS
@@ -148,6 +244,7 @@ class Store:
     # PostgreSQL: the second waits on the row lock, then re-checks the WHERE against the committed
     # row), so of two drivers that race, exactly one gets rowcount 1. No check-then-act.
 
+    @_retrying
     def claim_driver(self, name: str, token: str, stale_s: float, **create: Any) -> bool:
         """Take the job's driver lease for ``token`` and mark the job "running"; False when another
         driver holds it with a heartbeat younger than ``stale_s`` seconds.
@@ -176,6 +273,7 @@ class Store:
                 self._job(s, name)  # a missing job is a StoreError, not a held lease
             return claimed == 1
 
+    @_retrying
     def beat_driver(self, name: str, token: str) -> bool:
         """Renew ``token``'s lease (heartbeat now); False when it no longer holds it (another driver
         took the job over after this one's heartbeat went stale)."""
@@ -184,12 +282,14 @@ class Store:
                              .values(driver_heartbeat_at=utcnow())
                              .execution_options(synchronize_session=False)).rowcount == 1
 
+    @_retrying
     def release_driver(self, name: str, token: str) -> None:
         """Give the lease up (a no-op when ``token`` does not hold it); the last heartbeat stays."""
         with self.session() as s:
             s.execute(update(Job).where(Job.name == name, Job.driver_token == token).values(driver_token=None)
                       .execution_options(synchronize_session=False))
 
+    @_retrying
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job, oldest first: name, state, description, baseline, created_at, updated_at,
         ``trials`` (count of trials per state, only states that occur) and ``n_trials``."""
@@ -208,6 +308,7 @@ class Store:
 
     # --- variants and trials ------------------------------------------------------------------
 
+    @_retrying
     def ensure_trials(self, job_name: str, trials: list[dict[str, Any]]) -> list[Trial]:
         """Register a job's trials; return their rows in input order.
 
@@ -261,6 +362,7 @@ class Store:
             s.flush()
             return out
 
+    @_retrying
     def get_trial(self, trial_id: int) -> Trial:
         with self.session() as s:
             trial = s.get(Trial, trial_id)
@@ -268,6 +370,7 @@ class Store:
                 raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}")
             return trial
 
+    @_retrying
     def trials_of(self, job_name: str) -> list[Trial]:
         """The job's trials in variant creation order, then seed."""
         with self.session() as s:
@@ -275,6 +378,7 @@ class Store:
             return list(s.scalars(select(Trial).where(Trial.job_id == job.id)
                                   .order_by(Trial.variant_id, Trial.seed)).all())
 
+    @_retrying
     def set_code_fingerprint(self, trial_ids: Sequence[int], fingerprint: str) -> None:
         """Record which code trains these trials (``ablate.fingerprint.code_fingerprint()``)."""
         if not trial_ids:
@@ -283,6 +387,7 @@ class Store:
             s.execute(update(Trial).where(Trial.id.in_(list(trial_ids))).values(code_fingerprint=fingerprint)
                       .execution_options(synchronize_session=False))
 
+    @_retrying
     def code_fingerprints(self) -> dict[str, dict[str | None, int]]:
         """Per job name: how many of its trials that are not "pending" each code fingerprint has
         (None: recorded before fingerprints). ``ablate status`` compares them with the current code."""
@@ -295,6 +400,7 @@ class Store:
             out.setdefault(name, {})[fp] = n
         return out
 
+    @_retrying
     def finished_trial_with_hash(self, hash: str, exclude_job: str | None = None) -> Trial | None:
         """The most recently finished trial (state "finished", not "reused") with this hash, in any job
         but ``exclude_job``; None when there is none."""
@@ -304,6 +410,7 @@ class Store:
         with self.session() as s:
             return s.scalars(q.order_by(Trial.updated_at.desc(), Trial.id.desc()).limit(1)).first()
 
+    @_retrying
     def reset_trial(self, trial_id: int) -> None:
         """Make a trial as new (``--force``): "pending", attempts and epoch 0, run fields, result,
         reuse link and checkpoint cleared, its metrics deleted. Hash and config stay."""
@@ -317,6 +424,7 @@ class Store:
             for dependent in s.scalars(select(Trial).where(Trial.reused_from == trial_id)):
                 _reset(dependent)
 
+    @_retrying
     def update_trial(self, trial_id: int, **fields: Any) -> None:
         """Set fields of a trial: state, attempts, epoch, node, device, wall_seconds, error, mlflow_run_id,
         result_json (a dict is dumped), reused_from, config_json, checkpoint, code_fingerprint."""
@@ -336,6 +444,7 @@ class Store:
             if n == 0:
                 raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}")
 
+    @_retrying
     def mark_reused(self, trial_id: int, source_trial_id: int) -> None:
         """Make a trial a reuse of another: state "reused", ``reused_from`` the source (followed to the
         trial that actually trained when the source is itself a reuse), and the source's
@@ -360,6 +469,7 @@ class Store:
 
     # --- metrics ------------------------------------------------------------------------------
 
+    @_retrying
     def add_metrics(self, trial_id: int, rows: Iterable[tuple[str, int, int, float]]) -> int:
         """Record points ``(name, step, epoch, value)`` of a trial's curves; return how many were new.
 
@@ -395,6 +505,7 @@ class Store:
             raise StoreError(f"no trial {trial_id} in store {display_url(self.url)}") from e
         return inserted
 
+    @_retrying
     def metrics_of(self, trial_id: int, name: str | None = None) -> list[tuple[str, int, int, float]]:
         """The trial's own recorded points ``(name, step, epoch, value)`` by name then step; NaN where
         a non-finite value was recorded. (Raw rows of this trial id: the views, ``results`` and
@@ -407,6 +518,7 @@ class Store:
             rows = s.execute(q.order_by(Metric.name, Metric.step)).all()
         return [(n, st, ep, math.nan if is_nan or v is None else float(v)) for n, st, ep, v, is_nan in rows]
 
+    @_retrying
     def delete_metrics_after(self, trial_id: int, step: int) -> int:
         """Drop the trial's points with a step greater than ``step``; return how many."""
         with self.session() as s:

@@ -1,4 +1,4 @@
-"""The job commands of the ``ablate`` CLI: submit, status, resume, cancel, results, query, ui, db."""
+"""The job commands of the ``ablate`` CLI: submit, status, resume, cancel, sync, results, query, ui, db."""
 
 from __future__ import annotations
 
@@ -72,13 +72,14 @@ def _load_spec(path: Path, tracking: Optional[str], store: Optional[str]):
         fail(str(e))
 
 
-def _run(spec, text: str, *, address, force, resume, workdir):
+def _run(spec, text: str, *, address, force, resume, workdir, shared_workdir=False):
     from .data.coco import DatasetError
     from .runner import JobError, run_job
     from .store import StoreError
 
     try:
         outcome = run_job(spec, text, address=address, force=force, resume=resume, workdir=workdir,
+                          shared_workdir=shared_workdir,
                           live=True, console=err)
     except (JobError, StoreError, DatasetError, FileExistsError) as e:
         fail(str(e))
@@ -97,16 +98,24 @@ def _run(spec, text: str, *, address, force, resume, workdir):
         raise typer.Exit(1)
 
 
+WORKDIR_HELP = ("Tune's checkpoints and experiment state: a folder, or a URI every node reads (s3://bucket/prefix, "
+                "gs://..., file:///mnt/shared/ablate). Also $ABLATE_WORKDIR.")
+SHARED_HELP = ("The --workdir folder is a mount every node of the cluster shares at the same path (required for a "
+               "folder on a cluster of several nodes). Also $ABLATE_SHARED_WORKDIR=1.")
+
+
 @app.command("submit")
 def submit_cmd(
     job_file: Path = typer.Argument(..., metavar="JOB.yaml", help="The job spec (see jobs/)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded trials and exit."),
-    tracking: Optional[str] = typer.Option(None, "--tracking", help="MLflow tracking URI (overrides the file)."),
+    tracking: Optional[str] = typer.Option(None, "--tracking", envvar="MLFLOW_TRACKING_URI",
+                                           help="MLflow tracking URI (overrides the file; also $MLFLOW_TRACKING_URI)."),
     store: Optional[str] = typer.Option(None, "--store", envvar="ABLATE_STORE",
                                         help="Results store URL (overrides the file; also $ABLATE_STORE)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)."),
     force: bool = typer.Option(False, "--force", help="Retrain trials that already finished (here or in another job)."),
-    workdir: Path = typer.Option(Path("runs"), "--workdir", help="Checkpoints and Ray's experiment folder (shared by all nodes)."),
+    workdir: str = typer.Option("runs", "--workdir", envvar="ABLATE_WORKDIR", help=WORKDIR_HELP),
+    shared_workdir: bool = typer.Option(False, "--shared-workdir", envvar="ABLATE_SHARED_WORKDIR", help=SHARED_HELP),
 ) -> None:
     """Validate a job, register it, train its trials on Ray, record to MLflow and the store."""
     spec = _load_spec(job_file, tracking, store)
@@ -125,7 +134,8 @@ def submit_cmd(
         err.print(f"resources per trial: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU; "
                   f"tracking {display_url(spec.tracking.uri)}; store {display_url(spec.store)}", highlight=False)
         return
-    _run(spec, job_file.read_text(), address=address, force=force, resume=False, workdir=workdir)
+    _run(spec, job_file.read_text(), address=address, force=force, resume=False, workdir=workdir,
+         shared_workdir=shared_workdir)
 
 
 @app.command("resume")
@@ -133,7 +143,8 @@ def resume_cmd(
     job: str = typer.Argument(..., help="The job's name."),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join."),
-    workdir: Path = typer.Option(Path("runs"), "--workdir", help="As given to submit."),
+    workdir: str = typer.Option("runs", "--workdir", envvar="ABLATE_WORKDIR", help=WORKDIR_HELP + " As given to submit."),
+    shared_workdir: bool = typer.Option(False, "--shared-workdir", envvar="ABLATE_SHARED_WORKDIR", help=SHARED_HELP),
     force: bool = typer.Option(False, "--force",
                                help="Retrain the trials that other code (another ablate, torch or torchvision) trained."),
 ) -> None:
@@ -154,7 +165,7 @@ def resume_cmd(
         except SpecError as e:
             fail(f"job {job}'s stored spec no longer validates with this ablate ({str(e).removeprefix(str(path) + ': ')}); "
                  f"submit a corrected file under a new name")
-    _run(spec, row.spec_yaml, address=address, force=force, resume=True, workdir=workdir)
+    _run(spec, row.spec_yaml, address=address, force=force, resume=True, workdir=workdir, shared_workdir=shared_workdir)
 
 
 @app.command("cancel")
@@ -178,6 +189,31 @@ def cancel_cmd(
             st.update_trial(t.id, state="cancelled")
             n += 1
     err.print(f"job {job} cancelled ({n} pending trial(s) will not run; a running driver stops within seconds)")
+
+
+@app.command("sync")
+def sync_cmd(
+    job: str = typer.Argument(..., help="The job's name."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    tracking: Optional[str] = typer.Option(None, "--tracking",
+                                           help="MLflow tracking URI (default: the one the job recorded to)."),
+) -> None:
+    """Bring the job's MLflow runs up to date from the store after a tracking outage: the parent
+    run, a child run per trial, metric history beyond what MLflow holds, final.json, tags and
+    terminal statuses. Running it twice sends nothing the second time."""
+    from .record import SyncError, sync_job
+    from .runner import driver_alive
+    from .store import StoreError
+
+    st = _open(store, create=False)
+    row = _job_or_fail(st, job)
+    if driver_alive(row):
+        fail(f"job {job!r} has a live driver, which brings MLflow up to date itself; sync once it has ended")
+    try:
+        sync_job(st, job, tracking_uri=tracking, say=lambda line: err.print(line, markup=False, highlight=False,
+                                                                            soft_wrap=True))
+    except (SyncError, StoreError) as e:
+        fail(str(e))
 
 
 @app.command("status")
@@ -417,13 +453,20 @@ def ui_cmd(
     import sys
 
     uri = tracking
+    row = None
     if uri is None and job is not None:
-        uri = _job_or_fail(_open(store, create=False), job).tracking_uri
+        row = _job_or_fail(_open(store, create=False), job)
+        uri = row.tracking_uri
     uri = uri or "sqlite:///mlflow.db"
-    if not (uri.startswith("sqlite:") or uri.startswith("postgresql") or uri.startswith("mysql") or uri.startswith("file:")
-            or Path(uri).exists()):
-        err.print(f"{uri} is a tracking server: open it in a browser", highlight=False)
+    if uri.startswith(("http://", "https://")):  # a tracking server (cluster mode) has its own UI: no second one
+        url = uri.rstrip("/")
+        if row is not None and row.mlflow_experiment_id:
+            url += f"/#/experiments/{row.mlflow_experiment_id}"
+        err.print(f"{uri} is an MLflow tracking server; its UI:", highlight=False)
+        print(url)
         return
+    if uri.startswith(("databricks", "uc:")):
+        fail(f"--tracking {uri}: open this tracking URI's own UI; ablate ui starts one only for a local database")
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     err.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", highlight=False)
     raise typer.Exit(subprocess.call([exe, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]))
@@ -431,11 +474,15 @@ def ui_cmd(
 
 @db_app.command("upgrade")
 def db_upgrade_cmd(store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP)) -> None:
-    """Migrate the results store's schema to this version of ablate (Alembic)."""
+    """Migrate the results store's schema to this version of ablate (Alembic); on PostgreSQL,
+    create the database first when it does not exist."""
     from .store import StoreError, upgrade
+    from .store.db import create_database
 
     url = _store_url(store)
     try:
+        if create_database(url):  # PostgreSQL: a new server needs its database before the schema
+            err.print(f"created database {url.rsplit('/', 1)[-1].split('?')[0]}", highlight=False)
         rev = upgrade(url)
     except StoreError as e:
         fail(str(e))

@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ray import tune
 
@@ -54,7 +54,125 @@ class JobError(RuntimeError):
     """A job that cannot run as asked; the message is one line."""
 
 
+# ---------------------------------------------------------------------------------- storage
+#: URI schemes of Tune's storage (pyarrow filesystems) taken as reachable from every node.
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where Tune keeps a job's experiment state and checkpoints (its ``storage_path``).
+
+    ``root`` is what the user gave (``--workdir``): a local folder, or a URI that pyarrow
+    resolves (``s3://bucket/prefix``, ``gs://...``, ``file:///mnt/shared/ablate``). ``shared``:
+    every node of the cluster reads the same storage there (true for a URI; for a local folder
+    only when declared with ``--shared-workdir``, e.g. an NFS mount at the same path everywhere).
+    """
+
+    root: str
+    shared: bool
+
+    @classmethod
+    def parse(cls, workdir: "str | Path", shared: bool = False) -> "Storage":
+        text = str(workdir).strip()
+        if not text:
+            raise JobError("--workdir: empty; give a folder or a URI (s3://bucket/prefix, gs://..., file:///shared/path)")
+        if "://" in text:
+            scheme = text.split("://", 1)[0].lower()
+            if scheme not in URI_SCHEMES:
+                raise JobError(f"--workdir {text}: unknown scheme {scheme!r}; use one of "
+                               f"{', '.join(s + '://' for s in URI_SCHEMES)} or a folder")
+            return cls(text.rstrip("/"), True)
+        return cls(str(Path(text).expanduser().resolve()), shared)
+
+    def check(self) -> None:
+        """Open the storage's filesystem once on the driver, so that an unreachable bucket or a
+        missing credential is one line now rather than a failure of every trial later."""
+        if not self.is_uri:
+            return
+        import pyarrow.fs
+
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(self.root)
+            fs.create_dir(path, recursive=True)
+        except Exception as e:  # no such bucket, no network, missing credentials
+            raise JobError(f"--workdir {self.root}: cannot open it: {_first_line(e)}") from None
+
+    @property
+    def is_uri(self) -> bool:
+        return "://" in self.root
+
+    def job_path(self, job: str) -> str:
+        """Tune's ``storage_path`` for ``job`` (created when it is a local folder)."""
+        if self.is_uri:
+            return f"{self.root}/{job}"
+        path = Path(self.root) / job
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def checkpoint_uri(self, checkpoint) -> str:
+        """A Tune checkpoint's location as a string a later driver or worker can open
+        (``Checkpoint(path)``): a URI unless the storage is a local folder."""
+        if not self.is_uri or self.root.startswith("file://"):
+            return checkpoint.path
+        return f"{self.root.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+
+
+def check_storage_reach(storage: Storage, nodes: int) -> None:
+    """Refuse a local, undeclared checkpoint folder on a cluster of several nodes: a trial retried
+    on another node would not find its checkpoint, and a node's loss would lose them."""
+    if nodes > 1 and not storage.shared:
+        raise JobError(f"--workdir {storage.root}: a local folder on a {nodes}-node Ray cluster: checkpoints written "
+                       f"on one node are lost to the others; pass a URI every node reads (s3://bucket/ablate, "
+                       f"gs://bucket/ablate, file:///mnt/shared/ablate) or add --shared-workdir if this folder is a "
+                       f"mount every node shares at the same path")
+
+
+def open_checkpoint_dir(location: str):
+    """A context manager giving a local folder with the checkpoint at ``location`` (a path or a
+    URI, as :meth:`Storage.checkpoint_uri` wrote it), or None when there is none there."""
+    import contextlib
+
+    import pyarrow.fs
+
+    if "://" not in location:
+        return contextlib.nullcontext(location if Path(location).is_dir() else None)
+    fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return contextlib.nullcontext(None)
+    return tune.Checkpoint(location).as_directory()
+
+
 # ---------------------------------------------------------------------------------- worker
+def trial_device(config_device: str, ray_gpu_ids: Sequence[Any], cuda_available: bool) -> str:
+    """The device a Ray trial trains on: ``"cuda"`` exactly when Ray gave it GPUs, else ``"cpu"``.
+
+    Args:
+        config_device: the trial config's ``device`` (``auto``, ``cpu`` or ``cuda``).
+        ray_gpu_ids: ``ray.get_gpu_ids()`` in the worker (``[0]`` for a 0.25 share of GPU 0).
+        cuda_available: whether torch sees a CUDA device in the worker.
+
+    Why not ``device: auto`` alone: Ray 2.6x leaves ``CUDA_VISIBLE_DEVICES`` untouched for a task
+    given no GPU (``ray._private.utils.set_visible_accelerator_ids`` skips empty id lists unless
+    ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``), so a 0-GPU trial on a GPU node still sees every GPU
+    and would train on one that Ray never reserved for it. A contradiction between the config,
+    Ray and torch is a :class:`JobError` (one line), never a silent fallback.
+    """
+    if ray_gpu_ids:
+        ids = ",".join(str(i) for i in ray_gpu_ids)
+        if config_device == "cpu":
+            raise JobError(f"device: cpu, but Ray gave this trial GPU {ids} (resources.gpus > 0): drop `device: cpu` "
+                           f"or set resources.gpus: 0")
+        if not cuda_available:
+            raise JobError(f"Ray gave this trial GPU {ids}, but torch in the worker sees no CUDA device "
+                           f"(a CPU-only torch build, or CUDA_VISIBLE_DEVICES hides it)")
+        return "cuda"
+    if config_device == "cuda":
+        raise JobError("device: cuda, but Ray gave this trial no GPU (resources.gpus: 0): set resources.gpus "
+                       "(0.25 shares a GPU between four trials) or drop `device: cuda`")
+    return "cpu"
+
+
 def _trainable(params: dict[str, Any], trials: dict[str, dict[str, Any]], fault: Optional[dict] = None) -> None:
     """One trial in a Ray worker: ``train()`` with per-epoch reports and checkpoints to Tune."""
     import ray
@@ -71,11 +189,16 @@ def _trainable(params: dict[str, Any], trials: dict[str, dict[str, Any]], fault:
     if ckpt is not None:  # a retry after a crash: Tune hands back the last checkpoint
         with ckpt.as_directory() as d:
             shutil.copy(Path(d) / CHECKPOINT, work / CHECKPOINT)
-    elif payload.get("resume_from") and Path(payload["resume_from"], CHECKPOINT).is_file():  # ablate resume
-        shutil.copy(Path(payload["resume_from"], CHECKPOINT), work / CHECKPOINT)
+    elif payload.get("resume_from"):  # ablate resume: the checkpoint the store kept (a path or a URI)
+        with open_checkpoint_dir(payload["resume_from"]) as d:
+            if d is not None and Path(d, CHECKPOINT).is_file():
+                shutil.copy(Path(d) / CHECKPOINT, work / CHECKPOINT)
 
     node = ray.get_runtime_context().get_node_id()[:12]
-    device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+    gpu_ids = ray.get_gpu_ids()
+    # a trial given no GPU never touches CUDA (not even to ask whether it is there)
+    device = trial_device(config.device, gpu_ids, bool(gpu_ids) and torch.cuda.is_available())
+    config = config.model_copy(update={"device": device})  # device is not in the trial's hash or identity
     buffer: list[dict[str, Any]] = []
     injected = fault is not None and fault.get("trial") == key and not Path(fault["marker"]).exists()
 
@@ -141,8 +264,8 @@ class _Unpicklable:
 class _RecorderCallback(_Unpicklable, tune.Callback):
     """Forwards Tune's driver-side events to the recorder (MLflow + store) and the live table."""
 
-    def __init__(self, recorder, rows: dict[str, _Row], live_update):
-        self.recorder, self.rows, self.live_update = recorder, rows, live_update
+    def __init__(self, recorder, rows: dict[str, _Row], live_update, storage: Optional[Storage] = None):
+        self.recorder, self.rows, self.live_update, self.storage = recorder, rows, live_update, storage
 
     @staticmethod
     def _key(trial) -> str:
@@ -179,7 +302,8 @@ class _RecorderCallback(_Unpicklable, tune.Callback):
         self.live_update()
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        self.recorder.trial_checkpoint(self._key(trial), checkpoint.path)
+        where = self.storage.checkpoint_uri(checkpoint) if self.storage is not None else checkpoint.path
+        self.recorder.trial_checkpoint(self._key(trial), where)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key = self._key(trial)
@@ -319,7 +443,8 @@ def _table(spec: JobSpec, rows: dict[str, _Row], started: float):
 
 
 def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, force: bool = False,
-            resume: bool = False, workdir: Path = Path("runs"), live: bool = True, mlflow: bool = True,
+            resume: bool = False, workdir: "str | Path" = Path("runs"), shared_workdir: bool = False,
+            live: bool = True, mlflow: bool = True,
             fault: Optional[dict] = None, console=None) -> Outcome:
     """Run (or resume) a job: register it, skip or reuse what is done, train the rest on Ray.
 
@@ -330,8 +455,10 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
         force: retrain trials even when they (or the same hash elsewhere) already finished, and
             trials that other code trained (refused otherwise).
         resume: continue a job that exists in the store (``ablate resume``).
-        workdir: Tune's experiment storage goes under ``workdir/<job>/``; it must be shared by
-            every node of a multi-node cluster.
+        workdir: Tune's experiment storage (checkpoints) goes under ``workdir/<job>/``: a local
+            folder or a URI (``s3://``, ``gs://``, ``file://``; see :class:`Storage`). On a cluster
+            of several nodes it must be shared: a URI, or a folder declared with ``shared_workdir``.
+        shared_workdir: the local ``workdir`` is a mount every node shares at the same path.
         live: show the live Rich table.
         mlflow: record to MLflow as well as to the store.
         fault: tests only: ``{"trial": key, "epoch": k, "marker": path}`` kills that trial's worker
@@ -348,8 +475,22 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
     if address and address.startswith("ray://"):
         raise JobError(f"--address {address}: Ray Client cannot run the driver-side recorder; run the driver on the "
                        f"cluster instead (`ray job submit -- ablate submit JOB.yaml`) or give the GCS address (host:6379)")
+    if address and address.startswith(("http://", "https://")):  # e.g. RAY_ADDRESS from `make cluster-up`
+        raise JobError(f"Ray address {address} is the Jobs API, for `ray job submit --address {address} -- ablate "
+                       f"submit JOB.yaml`; to run the driver here give the GCS address (--address host:6390) or "
+                       f"--address local for a Ray of its own")
     from .fingerprint import code_fingerprint
 
+    storage = Storage.parse(workdir, shared_workdir)  # a bad --workdir is refused before anything is written
+    storage.check()
+    trials = spec.trials()
+    for t in trials:  # the worker would refuse these (trial_device); say so once, before anything is written
+        if t.config.device == "cuda" and not spec.resources.gpus:
+            raise JobError(f"trial {t.key}: device: cuda, but resources.gpus is 0; give the trials a GPU share "
+                           f"(resources.gpus: 0.25 puts four on one GPU) or drop `device: cuda`")
+        if t.config.device == "cpu" and spec.resources.gpus:
+            raise JobError(f"trial {t.key}: device: cpu, but resources.gpus is {spec.resources.gpus:g}: the GPU would "
+                           f"be reserved and idle; set resources.gpus: 0 or drop `device: cpu`")
     store = open_store(spec.store)
     where = display_url(spec.store)
     existing = store.get_job(spec.name)
@@ -361,10 +502,10 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
         if existing.state == "running" and not resume:
             raise JobError(f"job {spec.name!r} was interrupted (its driver is gone); continue it with "
                            f"`ablate resume {spec.name}` or stop it with `ablate cancel {spec.name}`")
-    trials = spec.trials()
     if existing is not None:
         _refuse_changed_spec(store, spec, trials, force=force, where=where, resume=resume)
-    recorder = Recorder(spec, store, spec_yaml, mlflow=mlflow)
+    recorder = Recorder(spec, store, spec_yaml, mlflow=mlflow,
+                        say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     if mlflow:
         _check_tracking(spec)  # an unusable MLflow URI or server: refused before the store is written
     lease = _DriverLease(store, spec.name)
@@ -386,7 +527,7 @@ def run_job(spec: JobSpec, spec_yaml: str, *, address: Optional[str] = None, for
         store.set_code_fingerprint([st.store_id for st in recorder.trials.values()], code_fingerprint())
         try:
             return _run_registered(spec, store, recorder, trials, existing, address=address, force=force,
-                                   workdir=workdir, live=live, fault=fault, console=console, started=started,
+                                   storage=storage, live=live, fault=fault, console=console, started=started,
                                    lease=lease)
         except BaseException as e:
             if lease.lost:  # the job is another driver's now: record nothing more
@@ -465,15 +606,13 @@ def _refuse_changed_spec(store, spec: JobSpec, trials: list[Trial], force: bool,
                    f"would be discarded (e.g. {changed[0][0].key}); give the job another name, or pass --force")
 
 
-def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existing, *, address, force, workdir, live,
+def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existing, *, address, force, storage, live,
                     fault, console, started, lease: _DriverLease) -> Outcome:
     from rich.live import Live
 
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
-    if existing is not None and existing.state in ("running", "interrupted") and existing.mlflow_parent_run_id \
-            and recorder.client is not None:
-        recorder.client.set_tag(existing.mlflow_parent_run_id, "ablate.state", "interrupted")
-        recorder.client.set_terminated(existing.mlflow_parent_run_id, status="KILLED")
+    if existing is not None and existing.state in ("running", "interrupted") and existing.mlflow_parent_run_id:
+        recorder.close_previous_parent(existing.mlflow_parent_run_id)  # MLflow best effort, as every recorder write
 
     outcome = Outcome(spec.name, "finished")
     rows = {t.key: _Row(t) for t in trials}
@@ -483,10 +622,7 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
         st = recorder.trials[t.key]
         row = store.get_trial(st.store_id)
         if force and row.state in DONE_STATES + ("failed", "cancelled"):
-            if st.run_id and recorder.client is not None:  # the old run stays, marked as replaced
-                recorder.client.set_tag(st.run_id, "ablate.superseded", "true")
-            store.reset_trial(st.store_id)
-            st.run_id, st.mlflow_step = None, -1
+            recorder.supersede(t.key)  # the store's trial reset; its old MLflow run stays, tagged as replaced
             row = store.get_trial(st.store_id)
         rows[t.key].attempts = row.attempts or 0
         if row.state in DONE_STATES:
@@ -535,14 +671,14 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         _check_capacity(spec)
+        check_storage_reach(storage, sum(1 for n in ray.nodes() if n.get("Alive")))
         # the state before this driver took the lease (which marks the job running)
         recorder.start(resumed=existing is not None and existing.state in ("running", "interrupted"))
         outcome.trained = [t.key for t in to_run]
         threads = max(1, int(spec.resources.cpus))
         payload = {t.key: {"config": _worker_config(t, threads), "resume_from": resume_from.get(t.key)} for t in to_run}
 
-        storage = (Path(workdir) / spec.name).resolve()
-        storage.mkdir(parents=True, exist_ok=True)
+        storage_path = storage.job_path(spec.name)
         resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
         trainable = tune.with_resources(tune.with_parameters(_trainable, trials=payload, fault=fault), resources)
         stopper = _CancelStopper(store, spec.name, lease)
@@ -561,10 +697,10 @@ def _run_registered(spec: JobSpec, store, recorder, trials: list[Trial], existin
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(storage),
+                storage_path=storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_RecorderCallback(recorder, rows, update)],
+                callbacks=[_RecorderCallback(recorder, rows, update, storage)],
                 stop=stopper,
                 verbose=0,
             ),

@@ -11,7 +11,10 @@ pycocotools every few epochs and reports:
   "per_class_AP", "infer_ms_per_image"}``;
 * at the end of every epoch, after its checkpoint is on disk: ``{"kind": "epoch", "step",
   "epoch", "train_seconds", "images_seen", "checkpoint"}`` (the checkpoint's path, or
-  ``None`` without ``out_dir``): the moment a scheduler may snapshot the trial.
+  ``None`` without ``out_dir``): the moment a scheduler may snapshot the trial. On CUDA it
+  adds ``gpu_mem_mib`` and ``gpu_mem_reserved_mib``: the epoch's peak of memory allocated to
+  tensors and reserved by torch's caching allocator (MiB; reset when the epoch starts, so it
+  covers its training, evaluation and checkpoint; the trial's peak is the max over epochs).
 
 Seeding: the model is initialised from ``seed``; each epoch's data order and
 augmentations are drawn from ``(seed, epoch)``, so the same seed gives the same batches
@@ -246,8 +249,9 @@ def train(
 
     Returns:
         ``{"status": "finished" | "diverged" | "stopped", "epoch", "step", <last eval
-        metrics>, "train_seconds", "images_per_second", "anchors", ...}`` (``anchors``: the
-        anchor shapes ``[w, h]`` per level in input pixels, fitted or published); a diverged
+        metrics>, "train_seconds", "images_per_second", "anchors", "resumed_from_epoch", ...}``
+        (``anchors``: the anchor shapes ``[w, h]`` per level in input pixels, fitted or published;
+        ``resumed_from_epoch``: the checkpoint's epoch this last run started from, 0 if none); a diverged
         trial adds ``"diverged_at": {"step", "epoch", "losses"}``.
     """
     from .data.coco import collate
@@ -311,6 +315,8 @@ def train(
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # augmentations
         loader = torch.utils.data.DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=gen,
                                              collate_fn=collate, drop_last=False)
+        if device.type == "cuda":  # the epoch event's gpu_mem_* are this epoch's peaks (training + eval)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for images, batch_targets in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -359,12 +365,16 @@ def train(
                 "images_seen": images_seen, "rng": torch.get_rng_state(), "config_hash": config.content_hash(),
                 "identity": identity, "code_fingerprint": code,
             })
+        gpu_mem = {"gpu_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                   "gpu_mem_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20} \
+            if device.type == "cuda" else {}
         report({"kind": "epoch", "step": step, "epoch": epoch, "train_seconds": train_seconds,
-                "images_seen": images_seen, "checkpoint": str(ckpt_path) if ckpt_path else None})
+                "images_seen": images_seen, "checkpoint": str(ckpt_path) if ckpt_path else None, **gpu_mem})
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < t.epochs:
             status = "stopped"
             break
-    return _result(status, epoch, step, last_eval, train_seconds, images_seen, {"anchors": anchors})
+    return _result(status, epoch, step, last_eval, train_seconds, images_seen,
+                   {"anchors": anchors, "resumed_from_epoch": start_epoch})
 
 
 def _result(status: str, epoch: int, step: int, last_eval: dict, train_seconds: float, images_seen: int,

@@ -134,7 +134,7 @@ def test_two_node_cluster_runs_trials_on_both(tmp_path):
     try:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         path = job_yaml(tmp_path, name="two-nodes", epochs=1)
-        spec, out = _run(path, tmp_path, mlflow=False)
+        spec, out = _run(path, tmp_path, mlflow=False, shared_workdir=True)  # one machine: the folder is shared
         assert out.state == "finished"
         nodes = {t.node for t in open_store(spec.store).trials_of(spec.name)}
         assert len(nodes) == 2, nodes

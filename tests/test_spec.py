@@ -370,6 +370,7 @@ SHIPPED = {  # file -> (variants, trials, baseline)
     "assigner_thresholds.yaml": (10, 30, "best_anchor_ignore_0.7+lambda_noobj=1.0"),
     "cls_losses.yaml": (8, 24, "dense+focal_gamma=0,focal_alpha=none"),
     "seed_systems.yaml": (7, 21, "yolov3"),
+    "cluster_smoke.yaml": (2, 4, "mse"),
 }
 
 

@@ -14,6 +14,7 @@ command has one. Nothing trains.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -47,6 +48,8 @@ def _commands_in(text: str) -> list[tuple[str, bool]]:
     stripped = text.strip()
     if stripped.startswith("ablate "):
         found.append((stripped, False))
+    elif m := re.match(r"ray job submit\s.*?\s--\s(ablate\s.*)$", stripped):  # the driver of a Ray job
+        found.append((m.group(1), False))
     out = []
     for line, in_span in found:
         words = shlex.split(line, comments=True)
@@ -77,8 +80,11 @@ def _readme_texts() -> list[tuple[str, str]]:
     parts = re.split(r"(^```.*\n(?:.*\n)*?```$)", text, flags=re.M)
     for part in parts:
         line0 = text.count("\n", 0, pos) + 1
-        if part.startswith("```"):
-            out += [(f"README.md:{line0 + i}", line) for i, line in enumerate(part.splitlines()) if i]
+        if part.startswith("```"):  # a line continued with a backslash is one command
+            joined = re.sub(r"\\\n\s*", " ", part)
+            lines = part.splitlines()
+            starts = [i for i, line in enumerate(lines) if i and not (i > 1 and lines[i - 1].rstrip().endswith("\\"))]
+            out += [(f"README.md:{line0 + i}", line) for i, line in zip(starts, joined.splitlines()[1:])]
         else:
             out += [(f"README.md:{line0 + part.count(chr(10), 0, m.start())}", m.group(0))
                     for m in SPAN.finditer(part)]
@@ -88,11 +94,15 @@ def _readme_texts() -> list[tuple[str, str]]:
 
 def _yaml_comments(path: Path) -> list[tuple[str, str]]:
     """(where, comment text) of every ``#`` comment of a YAML file (``#`` at line start or after a blank)."""
-    out = []
+    out: list[tuple[str, str]] = []
+    continued = False
     for n, line in enumerate(path.read_text().splitlines(), 1):
         m = re.search(r"(?:^|\s)#(.*)$", line)
-        if m:
+        if m and continued:  # the previous comment line ended with a backslash: one command
+            out[-1] = (out[-1][0], out[-1][1].rstrip()[:-1] + " " + m.group(1).strip())
+        elif m:
             out.append((f"{path.relative_to(REPO)}:{n}", m.group(1)))
+        continued = bool(m) and out[-1][1].rstrip().endswith("\\")
     return out
 
 
@@ -155,6 +165,20 @@ def _all_options(cmd=CLI) -> set[str]:
     return _options(cmd) | {"--help"}
 
 
+@functools.cache
+def _infra_options() -> set[str]:
+    """Options of the tools the README's cluster section names besides ablate: infra/local's
+    scripts and ``mlflow server`` (taken from their own --help, so a renamed option fails)."""
+    import subprocess
+    import sys
+
+    helps = [subprocess.run(["bash", str(REPO / "infra/local" / script), "--help"], capture_output=True,
+                            text=True).stdout for script in ("cluster.sh", "mlflow.sh")]
+    helps.append(subprocess.run([str(Path(sys.executable).with_name("mlflow")), "server", "--help"],
+                                capture_output=True, text=True).stdout)
+    return {m for text in helps for m in re.findall(r"--[a-z][\w-]*", text)}
+
+
 COMMANDS = documented_commands()
 FLAGS = documented_flags()
 
@@ -183,7 +207,7 @@ def test_documented_command_parses_and_its_help_runs(where, line, names_only):
 @pytest.mark.parametrize(("where", "flag", "command"), FLAGS, ids=[f"{w} {f}" for w, f, _ in FLAGS])
 def test_documented_flag_exists(where, flag, command):
     if command is None:
-        assert flag in _all_options(), f"{where}: no ablate command has {flag}"
+        assert flag in _all_options() | _infra_options(), f"{where}: neither ablate nor infra/local nor mlflow has {flag}"
     else:
         cmd, _, _ = _leaf(["ablate", command])
         assert flag in _options(cmd), f"{where}: ablate {command} has no {flag}; it has {sorted(_options(cmd))}"
@@ -241,7 +265,10 @@ def test_documented_command_runs_dry(where, line, tmp_path, monkeypatch):
     """``--dry-run`` validates and expands the job as the command would, and runs nothing."""
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("ABLATE_STORE", raising=False)
-    words = shlex.split(line)[1:]
+    # shell variables the cluster section's commands use, as `make cluster-up` would export them
+    shell = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5050", "ABLATE_STORE": "postgresql+psycopg://postgres@127.0.0.1/ablate",
+             "PWD": str(REPO)}
+    words = [re.sub(r"\$(\w+)", lambda m: shell[m.group(1)], w) for w in shlex.split(line)[1:]]
     job = REPO / _job_file(line)
     if yaml.safe_load(job.read_text())["dataset"].get("coco"):
         words[words.index(_job_file(line))] = str(_coco_stand_in(job, tmp_path))

@@ -69,6 +69,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ablate-overhead-"))
     doc = yaml.safe_load((REPO / "jobs/quickstart.yaml").read_text())
+    doc["name"] = "overhead"
     doc["variants"] = {"yolov3": {}}
     doc["seeds"] = [0]
     doc["max_concurrent"] = 1
@@ -103,6 +104,7 @@ def main() -> None:
                                         str(work / "jobs"), "--", "ablate", "submit", "overhead.yaml", "--force",
                                         "--tracking", tracking, "--store", store,
                                         "--workdir", (work / "checkpoints").as_uri()], work)
+            print(f"repeat {r + 1}: {got}", file=sys.stderr)
             from ablate.store import open_store
 
             st = open_store(store, create=False)

@@ -8,16 +8,17 @@ set -euo pipefail
 
 PROG=cluster.sh
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-# shellcheck source-path=SCRIPTDIR source=../defaults.env
-. "$REPO/infra/defaults.env"
+# Ports and names from infra/defaults.env, and the functions both scripts share.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+. "$REPO/infra/local/common.sh"
 # Exported so every process started here, and our own ray/python calls, see it: with it unset
 # Ray 2.6x turns token auth on for a head when ~/.ray/auth_token exists (left by any local
 # ray.init()), and `ray start --address` then cannot join.
 export RAY_AUTH_MODE
 export RAY_USAGE_STATS_ENABLED=0
 
-BIN=${ABLATE_VENV_BIN:-$REPO/.venv/bin}
-STATE=${ABLATE_INFRA_DIR:-$REPO/.ablate-infra}
+# Every process a node starts carries ABLATE_RAY_CLUSTER=<its temp dir> (see ours()).
+MARKER=ABLATE_RAY_CLUSTER MARKER_OF=S_TEMP_DIR
 
 # Port layout relative to the GCS port P. Node i (0 = head, 1..N workers) owns the block
 # P+10+i*STRIDE .. +STRIDE-1: node manager, object manager, metrics export, agent http,
@@ -49,73 +50,13 @@ and temp dir /tmp/ablate-ray-P. State: DIR/ray/nodes.tsv (name, pid, raylet_pid,
 EOF
 }
 
-die() {  # die CODE MESSAGE: one line on stderr, no traceback
-    local code=$1
-    shift
-    printf '%s: %s\n' "$PROG" "$*" >&2
-    exit "$code"
-}
-
-say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-
-int_opt() {  # int_opt NAME VALUE MIN: validate a non-negative integer option
-    [[ $2 =~ ^[0-9]+$ ]] || die 2 "$1 expects an integer, got '$2'"
-    ((10#$2 >= $3)) || die 2 "$1 must be at least $3, got '$2'"
-}
-
 # --- state -----------------------------------------------------------------------------
 
 load_state() {  # read DIR/ray/cluster.env (key=value lines written by up) into shell vars
     RAY_DIR=$STATE/ray
     NODES_TSV=$RAY_DIR/nodes.tsv
     CLUSTER_ENV=$RAY_DIR/cluster.env
-    S_TEMP_DIR='' S_DASHBOARD_PORT='' S_SIDS=''
-    [[ -f $CLUSTER_ENV ]] || return 1
-    local key value
-    while IFS='=' read -r key value; do
-        case $key in
-            temp_dir) S_TEMP_DIR=$value ;;
-            dashboard_port) S_DASHBOARD_PORT=$value ;;
-            sids) S_SIDS=$value ;;
-        esac
-    done <"$CLUSTER_ENV"
-    return 0
-}
-
-ours() {  # ours PID: the process exists, is not a zombie, and carries our cluster marker
-    local pid=$1 stat
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]] || return 1
-    # The marker is inherited by every process a node starts (raylet, workers, agents), so a
-    # reused pid or session id of some other program never matches.
-    tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "ABLATE_RAY_CLUSTER=$S_TEMP_DIR"
-}
-
-session_pids() {  # session_pids SID...: our live processes in those sessions
-    local sid pid
-    for sid in "$@"; do
-        for pid in $(ps -s "$sid" -o pid= 2>/dev/null); do
-            if ours "$pid"; then echo "$pid"; fi
-        done
-    done
-}
-
-stop_sessions() {  # stop_sessions SID...: TERM their process groups, wait 15 s, KILL, verify
-    local left pgids pid i
-    left=$(session_pids "$@")
-    [[ -n $left ]] || return 0
-    for sig in TERM KILL; do
-        pgids=$(for pid in $left; do ps -o pgid= -p "$pid" 2>/dev/null; done | sort -u)
-        for pid in $pgids; do kill -s "$sig" -- "-$pid" 2>/dev/null || true; done
-        for ((i = 0; i < 60; i++)); do
-            left=$(session_pids "$@")
-            [[ -n $left ]] || return 0
-            sleep 0.25
-        done
-        [[ $sig == KILL ]] || say "still running after SIGTERM + 15 s, sending SIGKILL: $(echo "$left" | tr '\n' ' ')"
-    done
-    die 1 "processes left after SIGKILL: $(echo "$left" | tr '\n' ' ')"
+    read_env "$CLUSTER_ENV" temp_dir=S_TEMP_DIR dashboard_port=S_DASHBOARD_PORT sids=S_SIDS
 }
 
 # --- up --------------------------------------------------------------------------------
@@ -170,7 +111,7 @@ EOF
 
 wait_port() {  # wait_port PORT TIMEOUT PID: until something accepts on 127.0.0.1:PORT
     local deadline=$((SECONDS + $2))
-    until (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+    until port_open "$1"; do
         kill -0 "$3" 2>/dev/null || return 1
         ((SECONDS < deadline)) || return 1
         sleep 0.25
@@ -266,8 +207,7 @@ cmd_up() {
 
     load_state || true
     mkdir -p "$RAY_DIR"
-    exec 9>"$RAY_DIR/lock"
-    flock -n 9 || die 1 "another cluster.sh is busy with $STATE"
+    lock_state "$RAY_DIR" -n
     if [[ -n $S_SIDS ]]; then
         # shellcheck disable=SC2086  # a list of pids
         if [[ -n $(session_pids $S_SIDS) ]]; then
@@ -288,10 +228,7 @@ cmd_up() {
     rm -rf "$TEMP_DIR"
     mkdir -p "$TEMP_DIR"
     STARTED_SIDS=''
-    trap cleanup_failed_up EXIT
-    # Interrupted (Ctrl-C, kill): exit through the EXIT trap, which stops what was started.
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    trap_cleanup
     write_env() {
         printf 'port=%s\ndashboard_port=%s\nclient_port=%s\ntemp_dir=%s\nsids=%s\n' \
             "$PORT" "$dash" "$client" "$TEMP_DIR" "$STARTED_SIDS" >"$CLUSTER_ENV"
@@ -351,28 +288,13 @@ cmd_up() {
 
 # --- down / status ---------------------------------------------------------------------
 
-state_opts() {  # the only option of down and status
-    while (($#)); do
-        case $1 in
-            --state-dir)
-                (($# >= 2)) || die 2 "$1 needs a value"
-                STATE=$2
-                shift 2
-                ;;
-            -h | --help) usage && exit 0 ;;
-            *) die 2 "unknown option for $CMD: '$1' (see --help)" ;;
-        esac
-    done
-}
-
 cmd_down() {
     state_opts "$@"
     if ! load_state; then
         say "no cluster recorded in $STATE"
         return 0
     fi
-    exec 9>"$RAY_DIR/lock"
-    flock -w 30 9 || die 1 "another cluster.sh is busy with $STATE"
+    lock_state "$RAY_DIR" -w 30
     local t0=$SECONDS
     # shellcheck disable=SC2086  # a list of pids
     stop_sessions $S_SIDS
@@ -414,16 +336,4 @@ EOF
     return 3
 }
 
-CMD=${1:-}
-[[ -n $CMD ]] || {
-    usage >&2
-    exit 2
-}
-shift
-case $CMD in
-    up) cmd_up "$@" ;;
-    down) cmd_down "$@" ;;
-    status) cmd_status "$@" ;;
-    -h | --help | help) usage ;;
-    *) die 2 "unknown command '$CMD' (expected up, down or status; see --help)" ;;
-esac
+main "$@"

@@ -7,12 +7,14 @@ set -euo pipefail
 
 PROG=mlflow.sh
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-# shellcheck source-path=SCRIPTDIR source=../defaults.env
-. "$REPO/infra/defaults.env"
+# Ports and names from infra/defaults.env, and the functions both scripts share.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+. "$REPO/infra/local/common.sh"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION
 
-BIN=${ABLATE_VENV_BIN:-$REPO/.venv/bin}
-STATE=${ABLATE_INFRA_DIR:-$REPO/.ablate-infra}
+# The server and its web workers carry ABLATE_MLFLOW_SERVER=<DIR/mlflow> (see ours()).
+MARKER=ABLATE_MLFLOW_SERVER MARKER_OF=ML_DIR
+DROP_DB=0  # down --drop-db
 
 usage() {
     cat <<EOF
@@ -36,70 +38,11 @@ mlflow from \${ABLATE_VENV_BIN:-$REPO/.venv/bin}. State: DIR/mlflow/server.env, 
 EOF
 }
 
-die() {  # die CODE MESSAGE: one line on stderr, no traceback
-    local code=$1
-    shift
-    printf '%s: %s\n' "$PROG" "$*" >&2
-    exit "$code"
-}
-
-say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-
-int_opt() {  # int_opt NAME VALUE MIN
-    [[ $2 =~ ^[0-9]+$ ]] || die 2 "$1 expects an integer, got '$2'"
-    ((10#$2 >= $3)) || die 2 "$1 must be at least $3, got '$2'"
-}
-
 load_state() {  # read DIR/mlflow/server.env (key=value lines written by up)
     ML_DIR=$STATE/mlflow
     SERVER_ENV=$ML_DIR/server.env
-    S_PID='' S_PORT='' S_DB='' S_PG_URL=''
-    [[ -f $SERVER_ENV ]] || return 1
-    local key value
-    while IFS='=' read -r key value; do
-        case $key in
-            pid) S_PID=$value ;;
-            port) S_PORT=$value ;;
-            db) S_DB=$value ;;
-            pg_url) S_PG_URL=$value ;;
-        esac
-    done <"$SERVER_ENV"
-    return 0
+    read_env "$SERVER_ENV" pid=S_PID port=S_PORT db=S_DB pg_url=S_PG_URL
 }
-
-ours() {  # ours PID: alive, not a zombie, and carries this state dir's marker
-    local pid=$1 stat
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]] || return 1
-    tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "ABLATE_MLFLOW_SERVER=$ML_DIR"
-}
-
-session_pids() {  # session_pids SID: our live processes in that session
-    local pid
-    for pid in $(ps -s "$1" -o pid= 2>/dev/null); do
-        if ours "$pid"; then echo "$pid"; fi
-    done
-}
-
-stop_session() {  # stop_session SID: TERM its process groups, wait 15 s, KILL, verify
-    local left pgids pid i sig
-    left=$(session_pids "$1")
-    [[ -n $left ]] || return 0
-    for sig in TERM KILL; do
-        pgids=$(for pid in $left; do ps -o pgid= -p "$pid" 2>/dev/null; done | sort -u)
-        for pid in $pgids; do kill -s "$sig" -- "-$pid" 2>/dev/null || true; done
-        for ((i = 0; i < 60; i++)); do
-            left=$(session_pids "$1")
-            [[ -n $left ]] || return 0
-            sleep 0.25
-        done
-        [[ $sig == KILL ]] || say "still running after SIGTERM + 15 s, sending SIGKILL: $(echo "$left" | tr '\n' ' ')"
-    done
-    die 1 "processes left after SIGKILL: $(echo "$left" | tr '\n' ' ')"
-}
-
-port_open() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 health() { curl -fsS --max-time 5 "http://127.0.0.1:$1/health" >/dev/null 2>&1; }
 
@@ -133,7 +76,7 @@ EOF
 cleanup_failed_up() {
     local rc=$?
     trap - EXIT
-    if [[ -n ${STARTED_PID:-} ]]; then (stop_session "$STARTED_PID") || true; fi
+    if [[ -n ${STARTED_PID:-} ]]; then (stop_sessions "$STARTED_PID") || true; fi
     rm -f "$SERVER_ENV" "$ML_DIR/server.pid"
     exit "$rc"
 }
@@ -164,8 +107,7 @@ cmd_up() {
 
     load_state || true
     mkdir -p "$ML_DIR"
-    exec 9>"$ML_DIR/lock"
-    flock -n 9 || die 1 "another mlflow.sh is busy with $STATE"
+    lock_state "$ML_DIR" -n
     if [[ -n $S_PID ]]; then
         if [[ -n $(session_pids "$S_PID") ]]; then
             die 1 "an MLflow server is already running from $STATE (MLFLOW_TRACKING_URI=http://127.0.0.1:$S_PORT); run '$PROG down' first"
@@ -183,10 +125,7 @@ cmd_up() {
 
     say "starting mlflow server on 127.0.0.1:$port (database $db, artifacts $artifacts)"
     STARTED_PID=''
-    trap cleanup_failed_up EXIT
-    # Interrupted (Ctrl-C, kill): exit through the EXIT trap, which stops what was started.
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
+    trap_cleanup
     # Own session (setsid without fork: a background job of a script is not a group leader);
     # the marker lets down recognise exactly these processes; fd 9 (the lock) stays here.
     setsid env ABLATE_MLFLOW_SERVER="$ML_DIR" PATH="$BIN:$PATH" \
@@ -213,24 +152,14 @@ cmd_up() {
     echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$port"
 }
 
-state_opts() {  # --state-dir, and --drop-db for down
-    DROP_DB=0
-    while (($#)); do
-        case $1 in
-            --state-dir)
-                (($# >= 2)) || die 2 "$1 needs a value"
-                STATE=$2
-                shift 2
-                ;;
-            --drop-db)
-                [[ $CMD == down ]] || die 2 "--drop-db is an option of down"
-                DROP_DB=1
-                shift
-                ;;
-            -h | --help) usage && exit 0 ;;
-            *) die 2 "unknown option for $CMD: '$1' (see --help)" ;;
-        esac
-    done
+state_opt() {  # state_opt OPTION: the flag of down that state_opts leaves to this script
+    case $1 in
+        --drop-db)
+            [[ $CMD == down ]] || die 2 "--drop-db is an option of down"
+            DROP_DB=1
+            ;;
+        *) return 1 ;;
+    esac
 }
 
 cmd_down() {
@@ -239,10 +168,9 @@ cmd_down() {
         say "no MLflow server recorded in $STATE"
         return 0
     fi
-    exec 9>"$ML_DIR/lock"
-    flock -w 30 9 || die 1 "another mlflow.sh is busy with $STATE"
+    lock_state "$ML_DIR" -w 30
     local t0=$SECONDS i out
-    stop_session "$S_PID"
+    stop_sessions "$S_PID"
     # The server is ours and gone; whatever still listens there is not, so say so.
     for ((i = 0; i < 20; i++)); do port_open "$S_PORT" || break; sleep 0.25; done
     ! port_open "$S_PORT" || die 1 "server stopped but port $S_PORT is still open (another process?)"
@@ -268,16 +196,4 @@ cmd_status() {
     return 3
 }
 
-CMD=${1:-}
-[[ -n $CMD ]] || {
-    usage >&2
-    exit 2
-}
-shift
-case $CMD in
-    up) cmd_up "$@" ;;
-    down) cmd_down "$@" ;;
-    status) cmd_status "$@" ;;
-    -h | --help | help) usage ;;
-    *) die 2 "unknown command '$CMD' (expected up, down or status; see --help)" ;;
-esac
+main "$@"

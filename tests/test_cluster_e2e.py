@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 from test_infra_local import _bindable, _cluster_ports
+from test_jobs import job_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -147,24 +147,11 @@ def store_url():
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _job(tmp: Path, name: str, *, variants: dict, seeds: list[int], epochs: int) -> Path:
-    doc = {
-        "name": name,
-        "dataset": {"synthetic": {"root": str(tmp / "synth"), "train": 24, "val": 8, "size": 64, "seed": 3},
-                    "image_size": 64, "hue": 0.0},
-        "base": {"preset": "yolov3", "model": {"width": 0.125, "depth": 0.33},
-                 "train": {"epochs": epochs, "batch_size": 8, "eval_every": 1, "log_every": 1, "warmup_epochs": 0.5}},
-        "variants": variants,
-        "seeds": seeds,
-        "baseline": next(iter(variants)),
-        "resources": {"cpus": 1},
-        "max_concurrent": 2,
-        "max_failures": 2,
-    }
-    path = tmp / "jobs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+def _job(tmp: Path, name: str, *, variants: dict, seeds: list[int], epochs: int, **extra) -> Path:
+    """test_jobs' tiny job (64 px, 24 images) in ``tmp/jobs/``, the folder ``ray job submit`` uploads;
+    its store and tracking are given on the command line."""
+    (tmp / "jobs").mkdir(exist_ok=True)
+    return job_yaml(tmp / "jobs", name=name, seeds=seeds, epochs=epochs, variants=variants, **extra)
 
 
 def _submit(cluster, tmp: Path, job: Path, store: str, submission_id: str, wait: bool = True):
@@ -180,6 +167,16 @@ def _job_status(cluster, submission_id: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
     return str(JobSubmissionClient(cluster["ray"]).get_job_status(submission_id)).split(".")[-1]
+
+
+def _job_logs(cluster, submission_id: str) -> str:
+    """The tail of the Ray job's driver log, for a failure message."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(cluster["ray"]).get_job_logs(submission_id)[-4000:]
+    except Exception as e:  # the message is a courtesy; the assertion is what matters
+        return f"(no logs: {e})"
 
 
 def _mlflow_runs(tracking: str, job: str):
@@ -203,7 +200,7 @@ def test_ray_job_submit_spreads_trials_and_records_to_the_mlflow_server_and_post
     sub = _submit(cluster, tmp_path, job, store_url, "e2e-submit")
     cluster["timings"]["ray job submit (4 trials)"] = time.perf_counter() - t
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-    assert _job_status(cluster, "e2e-submit") == "SUCCEEDED", sub.stdout[-3000:]
+    assert _job_status(cluster, "e2e-submit") == "SUCCEEDED", _job_logs(cluster, "e2e-submit")
 
     store = open_store(store_url, create=False)
     trials = store.trials_of("e2e")
@@ -242,7 +239,10 @@ def test_ray_job_submit_spreads_trials_and_records_to_the_mlflow_server_and_post
 def test_a_killed_worker_raylet_retries_the_trial_from_its_checkpoint_on_the_other_node(cluster, store_url, tmp_path):
     from ablate.store import open_store
 
-    job = _job(tmp_path, "e2e-fault", variants={"mse": {"recipe.box_loss": "mse"}}, seeds=[0], epochs=6)
+    # retries to spare: until the cluster has marked the killed node dead (health checks, seconds
+    # on a loaded machine) an attempt may still be placed on it and fail at once
+    job = _job(tmp_path, "e2e-fault", variants={"mse": {"recipe.box_loss": "mse"}}, seeds=[0], epochs=6,
+               max_failures=5)
     sub = subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", cluster["ray"], "--working-dir",
                             str(tmp_path), "--submission-id", "e2e-fault", "--no-wait", "--", "ablate", "submit",
                             f"jobs/{job.name}", "--tracking", cluster["tracking"], "--store", store_url,
@@ -260,15 +260,18 @@ def test_a_killed_worker_raylet_retries_the_trial_from_its_checkpoint_on_the_oth
         # mid-trial: one epoch's checkpoint is on the shared storage, more epochs to go
         if trials and trials[0].state == "running" and trials[0].checkpoint and 1 <= (trials[0].epoch or 0) < 5:
             victim = next(n for n in _nodes(cluster["state"]) if n["node_id"].startswith(trials[0].node))
-    assert victim is not None and victim["name"] != "head", "the trial never got to a checkpoint mid-run"
+    assert victim is not None and victim["name"] != "head", \
+        "the trial never got to a checkpoint mid-run:\n" + _job_logs(cluster, "e2e-fault")
     os.kill(int(victim["raylet_pid"]), signal.SIGKILL)  # the raylet of the trial's node, by its PID
 
     while time.time() < deadline and _job_status(cluster, "e2e-fault") not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(1)
-    assert _job_status(cluster, "e2e-fault") == "SUCCEEDED"
+    assert _job_status(cluster, "e2e-fault") == "SUCCEEDED", _job_logs(cluster, "e2e-fault")
     store = open_store(store_url, create=False)
     (trial,) = store.trials_of("e2e-fault")
-    assert trial.state == "finished" and trial.epoch == 6 and trial.attempts == 2
+    # at least one retry (a loaded machine may place one more attempt on the dying node before the
+    # cluster has marked it dead); it ended on the surviving node
+    assert trial.state == "finished" and trial.epoch == 6 and trial.attempts >= 2, _job_logs(cluster, "e2e-fault")
     assert not victim["node_id"].startswith(trial.node), "the retry ran on the killed node"
     assert json.loads(trial.result_json)["resumed_from_epoch"] >= 1  # from the checkpoint, not from scratch
     rows = store.metrics_of(trial.id)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import yaml
 from typer.testing import CliRunner
 
 import ablate.record as record
@@ -134,24 +133,11 @@ def test_a_store_call_is_retried_through_a_lost_connection_and_metric_writes_are
 # --------------------------------------------------------------------------------- MLflow: a Recorder, no Ray
 
 def _job_file(tmp: Path, tracking: str, store: str, name: str = "tiny", epochs: int = 3, seeds=(0,)) -> Path:
-    doc = {
-        "name": name,
-        "dataset": {"synthetic": {"root": str(tmp / "synth"), "train": 24, "val": 8, "size": 64, "seed": 3},
-                    "image_size": 64, "hue": 0.0},
-        "base": {"preset": "yolov3", "model": {"width": 0.125, "depth": 0.33},
-                 "train": {"epochs": epochs, "batch_size": 8, "eval_every": 1, "log_every": 1, "warmup_epochs": 0.5}},
-        "variants": {"mse": {"recipe.box_loss": "mse"}},
-        "seeds": list(seeds),
-        "baseline": "mse",
-        "resources": {"cpus": 1},
-        "max_concurrent": 1,
-        "max_failures": 1,
-        "tracking": {"uri": tracking},
-        "store": store,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    """test_jobs' tiny job: one variant, one trial at a time, one retry, on ``tracking`` and ``store``."""
+    from test_jobs import job_yaml
+
+    return job_yaml(tmp, name=name, seeds=seeds, epochs=epochs, variants={"mse": {"recipe.box_loss": "mse"}},
+                    max_concurrent=1, max_failures=1, tracking={"uri": tracking}, store=store)
 
 
 def _epoch_events(epoch: int) -> list[dict]:

@@ -20,22 +20,12 @@ from pathlib import Path
 import pytest
 from test_infra_local import _bindable, _cluster_ports
 from test_jobs import job_yaml
+from test_store import pg_database  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-
-
-def _pg_ready() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3).close()
-        return True
-    except Exception:
-        return False
 
 
 def _admin(sql: str) -> None:
@@ -92,9 +82,7 @@ def _session_pids(sids: set[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if not _pg_ready():
-        pytest.fail("PostgreSQL is not answering on 127.0.0.1:5432 (.ci/run starts it)")
+def cluster(tmp_path_factory, pg_database):  # pg_database: PostgreSQL answers (CI fails, elsewhere skips, if not)
     state = tmp_path_factory.mktemp("infra")
     env = _env(state)
     port, dash = _cluster_ports(workers=2)  # a free block below the ephemeral range (infra/local's layout)
@@ -138,13 +126,10 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def store_url():
-    name = f"ablate_e2e_{uuid.uuid4().hex[:8]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def store_url(pg_database):
+    """The store: the test session's PostgreSQL database (made and dropped by test_store's fixture);
+    each test's job has its own name in it."""
+    return pg_database
 
 
 def _job(tmp: Path, name: str, *, variants: dict, seeds: list[int], epochs: int, **extra) -> Path:

@@ -469,16 +469,27 @@ def _assert_store_complete(store, job: str, epochs: int) -> None:
     assert [s for n, s, _, _ in rows if n == "eval/AP"] == [e * STEPS_PER_EPOCH for e in range(1, epochs + 1)]
 
 
-@pytest.mark.slow
-def test_mlflow_server_killed_mid_job_then_back_the_driver_catches_up_by_itself(tmp_path, mlflow_server):
-    epochs = 8
-    path = _job_file(tmp_path, mlflow_server.uri, f"sqlite:///{tmp_path / 'ablate.db'}", epochs=epochs)
+def _job_losing_mlflow_after_epoch_one(tmp_path: Path, server, epochs: int):
+    """Submit a one-trial job recording to ``server`` and kill the server once the first epoch is
+    in the store; returns ``(spec, driver process)`` (the driver killed if this fails)."""
+    path = _job_file(tmp_path, server.uri, f"sqlite:///{tmp_path / 'ablate.db'}", epochs=epochs)
     spec = load_job_spec(path)
     proc = _submit(path, tmp_path)
     try:
         _wait(proc, tmp_path, "the first epoch in the store",
               lambda: any(t.epoch >= 1 for t in _trials(spec.store, spec.name)))
-        mlflow_server.kill()
+        server.kill()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return spec, proc
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_job_then_back_the_driver_catches_up_by_itself(tmp_path, mlflow_server):
+    epochs = 8
+    spec, proc = _job_losing_mlflow_after_epoch_one(tmp_path, mlflow_server, epochs)
+    try:
         _wait(proc, tmp_path, "the driver's outage warning", lambda: "warning: MLflow at" in _stderr(tmp_path))
         # the driver is paused while the server restarts (~10 s; an epoch may take under 1 s), so
         # that the trial still has epochs to report once it answers (its worker waits meanwhile)
@@ -511,13 +522,8 @@ def test_mlflow_server_down_until_the_job_ends_then_ablate_sync_brings_it_up_to_
     from mlflow import MlflowClient
 
     epochs = 3
-    path = _job_file(tmp_path, mlflow_server.uri, f"sqlite:///{tmp_path / 'ablate.db'}", epochs=epochs)
-    spec = load_job_spec(path)
-    proc = _submit(path, tmp_path)
+    spec, proc = _job_losing_mlflow_after_epoch_one(tmp_path, mlflow_server, epochs)
     try:
-        _wait(proc, tmp_path, "the first epoch in the store",
-              lambda: any(t.epoch >= 1 for t in _trials(spec.store, spec.name)))
-        mlflow_server.kill()
         err = _finish(proc, tmp_path)
     finally:
         if proc.poll() is None:

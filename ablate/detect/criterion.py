@@ -2,11 +2,13 @@
 
 Flow per batch (detr ``SetCriterion`` style):
 
-1. split the head output ``Tensor[B, N, 4 + obj + C (+1)]`` into box offsets, objectness
-   and class logits;
-2. decode the box offsets once, detached, where the assigner or the ignore mask needs
-   the current predictions;
-3. assign once under ``no_grad``;
+1. decode the box offsets of the head output ``Tensor[B, N, 4 + obj + C (+1)]`` once,
+   detached, where the assigner or the ignore mask needs the current predictions;
+2. assign once under ``no_grad``;
+3. take from the head output only what the terms read: on heads with objectness the
+   positives' rows and the objectness column, in one op whose backward writes one
+   gradient tensor (:class:`_RowsAndColumn`); on heads without it the box offsets and the
+   class logits of every row (one split);
 4. compute each term on the rows it concerns: the box term on positives only, the
    objectness / background terms on positives and (kept) negatives;
 5. normalise (:meth:`Criterion._normalise`), and weight with the recipe's lambdas (times
@@ -32,6 +34,36 @@ from .assign import Assignment, Targets, assign
 from .boxes import EPS, elementwise_iou, xyxy_to_cxcywh
 from .coding import build_coding
 from .recipe import LossRecipe
+
+
+class _RowsAndColumn(torch.autograd.Function):
+    """``pred[b_idx, n_idx]`` and ``pred[..., col]`` of ``pred: Tensor[B, N, K]`` as one op:
+    ``(Tensor[P, K], Tensor[B, N])``, both new contiguous tensors.
+
+    Its backward writes the gradient of ``pred`` into one zero-filled ``[B, N, K]`` tensor
+    (the column's gradient, then the rows' added at their positions) where indexing and
+    splitting ``pred`` term by term would build a full-size zero tensor per term and
+    concatenate them (on a ``[16, 25200, 85]`` head that assembly was most of the loss step).
+    The sums are the same additions; the gradient agrees with the term-by-term version's to
+    float rounding (the elementwise kernels now read a contiguous column: the last bit can
+    differ).
+    """
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, b_idx: Tensor, n_idx: Tensor, col: int):  # type: ignore[override]
+        ctx.save_for_backward(b_idx, n_idx)
+        ctx.col, ctx.shape, ctx.dtype = col, pred.shape, pred.dtype
+        return pred[b_idx, n_idx], pred[..., col].clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, g_rows: Tensor | None, g_col: Tensor | None):  # type: ignore[override]
+        b_idx, n_idx = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=b_idx.device)
+        if g_col is not None:
+            grad[..., ctx.col] = g_col
+        if g_rows is not None:
+            grad.index_put_((b_idx, n_idx), g_rows.to(ctx.dtype), accumulate=True)
+        return grad, None, None, None
 
 
 @dataclass
@@ -141,10 +173,7 @@ class Criterion:
         B, N, K = pred.shape
         if N != priors.num or K != self.channels:
             raise ValueError(f"pred has shape {tuple(pred.shape)}, expected [B, {priors.num}, {self.channels}]")
-        # one split, so that backward writes the gradient of ``pred`` in one concatenation
-        parts = pred.split([4, 1, K - 5] if r.has_objectness else [4, K - 4], dim=-1)
-        t, cls_logits = parts[0], parts[-1]  # [B, N, 4], [B, N, C (+1)]
-
+        t = pred[..., :4]  # [B, N, 4]
         decoded = self.coding.decode(t.detach().float(), priors) if self._needs_decoded() else None  # [B, N, 4]
         a = assign(
             r.assigner, priors, targets, decoded,
@@ -157,22 +186,27 @@ class Criterion:
         num_pos_img = pos.sum(1)  # [B]
         rows = priors.rows(n_idx)
 
-        box_each, iou_pos, obj_pos_t = self._box_loss(t[b_idx, n_idx], rows, a.box_targets[b_idx, n_idx])  # [P] each
+        if r.has_objectness:  # every term reads the positives' rows or the objectness column: gather just those
+            pos_rows, obj_logits = _RowsAndColumn.apply(pred, b_idx, n_idx, 4)  # [P, K], [B, N]
+            t_pos = pos_rows[:, :4]
+        else:  # the class term reads every row: one split, whose backward is one concatenation
+            t_all, cls_logits = pred.split([4, K - 4], dim=-1)  # [B, N, 4], [B, N, C + 1]
+            t_pos = t_all[b_idx, n_idx]
+        box_each, iou_pos, obj_pos_t = self._box_loss(t_pos, rows, a.box_targets[b_idx, n_idx])  # [P] each
         # level_mean: each positive weighs 1 / (positives on its level), so that the sums below are per-level means
         pos_w = self._per_level_mean_weight(n_idx) if r.normalize == "level_mean" else None  # [P]
         out: dict[str, Tensor] = {"box": L.reduce_loss(box_each, pos_w)}
         lvl_w = self._level_weight  # [N]
 
         if r.has_objectness:
-            obj_logits = parts[1].squeeze(-1)  # [B, N]
-            l_pos = self._elementwise_obj(obj_logits[b_idx, n_idx], obj_pos_t)  # [P]
+            l_pos = self._elementwise_obj(pos_rows[:, 4], obj_pos_t)  # [P]
             l_neg = self._elementwise_obj(obj_logits, torch.zeros_like(obj_logits))  # [B, N]
             keep = neg
             if r.neg_mining == "ohem":
                 keep = L.ohem_negative_mask(l_neg, neg, num_pos_img, r.neg_pos_ratio)
             out["obj"] = L.reduce_loss(l_pos, lvl_w[n_idx])
             out["noobj"] = L.reduce_loss(l_neg, keep * lvl_w)
-            cls_each = self._cls_positive(cls_logits[b_idx, n_idx], a.cls_targets[b_idx, n_idx])  # [P]
+            cls_each = self._cls_positive(pos_rows[:, 5:], a.cls_targets[b_idx, n_idx])  # [P]
             out["cls"] = L.reduce_loss(cls_each, pos_w)
         else:
             out["cls"], out["noobj"] = self._cls_dense(cls_logits, a, num_pos_img, lvl_w)

@@ -211,6 +211,141 @@ def bench_train_cmd(
         err.print(f"wrote {json_path}")
 
 
+def _int_list(text: str, option: str, low: int = 0) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option}: expected comma-separated integers, got {text!r}")
+    if not values or any(v < low for v in values):
+        fail(f"{option}: expected comma-separated integers >= {low}, got {text!r}")
+    return values
+
+
+def _cache_list(text: str, option: str = "--cache") -> list[str]:
+    from .data.coco import CACHE_MODES
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in CACHE_MODES]
+    if bad or not values:
+        fail(f"{option}: unknown cache mode {bad[0] if bad else text!r}; choose from {', '.join(CACHE_MODES)}")
+    return values
+
+
+@bench_app.command("data")
+def bench_data_cmd(
+    config_path: Path = typer.Option(Path("configs/quickstart.yaml"), "--config", help="The trial whose data and model are timed."),
+    workers: Optional[str] = typer.Option(None, help="Comma-separated loader worker counts (default: 0, 1, 2 and the "
+                                          "trial's own count)."),
+    size: Optional[str] = typer.Option(None, help="Comma-separated input sizes (default: the config's and 640). Other "
+                                       "than the config's: a synthetic JPEG set of that size under data/bench/."),
+    cache: str = typer.Option("none,memory,disk", help="Comma-separated cache modes (auto, none, memory, disk)."),
+    batches: int = typer.Option(8, help="Batches per loader timing (one epoch over batches x batch_size images)."),
+    repeats: int = typer.Option(3, help="Interleaved repeats (median reported)."),
+    images: int = typer.Option(128, help="Training images of a generated JPEG set."),
+    device: str = typer.Option("cpu", help="Where the model trains: cpu, cuda (AMP, as a trial runs) or auto."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="Override a config value, e.g. --set train.batch_size=16."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures as JSON."),
+) -> None:
+    """Loader images/s (decode or cache read, augment, letterbox, collate) per worker count and cache
+    mode, beside the model's training images/s for the same config, timed interleaved in one run,
+    and their ratio. Goal: at least 2x at the trial's own worker count."""
+    import json
+    from dataclasses import asdict
+
+    from .bench import environment
+    from .bench_data import bench_data
+    from .config import ConfigError, load_trial_config
+    from .data.coco import DatasetError
+    from .train import loader_workers
+
+    try:
+        base = load_trial_config(config_path, _parse_sets(sets))
+    except ConfigError as e:
+        fail(str(e))
+    own = loader_workers(base)
+    worker_list = _int_list(workers, "--workers") if workers else sorted({0, 1, 2, own})
+    sizes = _int_list(size, "--size", 32) if size else sorted({base.data.image_size, 640})
+    bad = [s for s in sizes if s % 32]
+    if bad:
+        fail(f"--size: {bad[0]} is not a multiple of 32")
+    caches = _cache_list(cache)
+    for opt, v in (("--batches", batches), ("--repeats", repeats), ("--images", images)):
+        if v < 1:
+            fail(f"{opt}: must be >= 1, got {v}")
+    if device not in ("cpu", "cuda", "auto"):
+        fail(f"--device: expected cpu, cuda or auto, got {device!r}")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device: cuda was asked for but torch sees no CUDA device")
+    err.print(f"bench data: {config_path} ({base.preset}, batch {base.train.batch_size}, threads "
+              f"{base.threads or 'default'}; the trial's own loader workers: {own}), sizes {sizes}, workers "
+              f"{worker_list}, caches {caches}", highlight=False)
+    try:
+        rows = bench_data(base, sizes, worker_list, caches, batches, repeats, images,
+                          progress=lambda m: err.print(m, highlight=False), device=device)
+    except (DatasetError, FileExistsError, ConfigError, ValueError) as e:
+        fail(str(e))
+    table = Table(title=f"data loader vs model training, {config_path} ({base.preset}, batch {base.train.batch_size})")
+    for col in ("size", "cache", "workers", "loader img/s", "per process", "model img/s", "loader / model"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        mark = " (trial's)" if r.workers == own else ""
+        colour = "green" if r.ratio >= 2 else "red"
+        table.add_row(str(r.size), r.cache if r.cache == r.cache_used else f"{r.cache}->{r.cache_used}",
+                      f"{r.workers}{mark}", f"{r.images_per_second:.0f}", f"{r.per_worker:.0f}",
+                      f"{r.model_images_per_second:.1f}", f"[{colour}]{r.ratio:.1f}x[/]")
+    console.print(table)
+    for s in sizes:
+        mine = [r for r in rows if r.size == s and r.workers == own]
+        if mine:
+            best = max(mine, key=lambda r: r.ratio)
+            console.print(f"goal at {s} px, {own} worker(s) (the trial's): loader {best.ratio:.1f}x the model "
+                          f"({best.cache}): {'met' if best.ratio >= 2 else 'NOT met'}", highlight=False)
+    if json_path:
+        json_path.write_text(json.dumps({"config": base.resolved(), "environment": environment(), "trial_workers": own,
+                                         "rows": [asdict(r) for r in rows]}, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench_app.command("cache")
+def bench_cache_cmd(
+    config_path: Path = typer.Option(Path("configs/quickstart.yaml"), "--config", help="The trial whose training set is read."),
+    trials: str = typer.Option("2,4", help="Comma-separated numbers of concurrent processes (trials on one node)."),
+    cache: str = typer.Option("memory,disk", help="Comma-separated cache modes."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="Override a config value."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures as JSON."),
+) -> None:
+    """Resident memory of N concurrent trials that each read the training set once: RSS and PSS
+    (shared pages divided among their processes) summed over the processes, per cache mode."""
+    import json
+    from dataclasses import asdict
+
+    from .bench_data import bench_cache
+    from .config import ConfigError, load_trial_config
+    from .data.coco import DatasetError
+
+    try:
+        base = load_trial_config(config_path, _parse_sets(sets))
+    except ConfigError as e:
+        fail(str(e))
+    counts, caches = _int_list(trials, "--trials", 1), _cache_list(cache)
+    try:
+        rows = bench_cache(base, counts, caches, progress=lambda m: err.print(m, highlight=False))
+    except (DatasetError, FileExistsError, ConfigError) as e:
+        fail(str(e))
+    table = Table(title=f"resident memory of concurrent trials reading {config_path}'s training set once")
+    for col in ("trials", "cache", "RSS MiB", "PSS MiB", "RSS growth", "PSS growth"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.trials), r.cache, f"{r.rss_mib:.0f}", f"{r.pss_mib:.0f}", f"{r.rss_growth_mib:+.0f}",
+                      f"{r.pss_growth_mib:+.0f}")
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"config": base.resolved(), "rows": [asdict(r) for r in rows]}, indent=2))
+        err.print(f"wrote {json_path}")
+
+
 # --------------------------------------------------------------------------- data
 data_app = typer.Typer(help="Datasets: generate the synthetic COCO-format set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

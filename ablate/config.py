@@ -28,6 +28,7 @@ class SyntheticData(_Frozen):
     val: int = Field(200, ge=1)  # validation images
     size: int = Field(160, ge=64)  # generated image side
     seed: int = 0
+    format: Literal["png", "jpeg"] = "png"  # image files; jpeg exercises a real decoder (quality 90)
 
 
 class CocoData(_Frozen):
@@ -44,9 +45,15 @@ class DataConfig(_Frozen):
     hflip: float = Field(0.5, ge=0, le=1)
     jitter: float = Field(0.2, ge=0, le=1)
     hue: float = Field(0.02, ge=0, le=0.5)
-    # decoded images: "memory" keeps each one (uint8, original size) per process after its first
-    # decode; "none" decodes every time (sets that do not fit in memory: COCO train2017 is ~100 GB)
-    cache: Literal["memory", "none"] = "memory"
+    # decoded, resized images (uint8): "disk" one memory-mapped file per dataset and image size, built
+    # once per node and shared by every trial there through the page cache; "memory" a copy per process
+    # (each loader worker holds its own); "none" decodes every time; "auto" is disk when the decoded
+    # set is small (ablate.data.coco.AUTO_DISK_LIMIT), none otherwise (COCO train2017 at 640 px is ~100 GB)
+    cache: Literal["auto", "none", "memory", "disk"] = "auto"
+    cache_dir: Optional[Path] = None  # the disk cache's folder (node-local); default $ABLATE_CACHE_DIR or ~/.cache/ablate/images
+    # loader worker processes; null: the trial's CPU share (threads) minus one for the training process
+    workers: Optional[int] = Field(None, ge=0, le=64)
+    prefetch: int = Field(2, ge=1, le=64)  # batches each worker loads ahead
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -30,6 +30,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from .data.transforms import to_input
 from .detect.anchors import Priors
 from .detect.postprocess import Detections, oracle_prediction, postprocess
 from .detect.recipe import LossRecipe
@@ -208,7 +209,7 @@ def evaluate_model(
     try:
         with torch.inference_mode():
             for images, targets in loader:
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                images = to_input(images, device)  # uint8 batches become float [0, 1] on the device
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

@@ -435,6 +435,8 @@ def dataset_fingerprint(data: DataConfig) -> str:
         s = data.synthetic
         ident = {"source": "synthetic", "version": GENERATOR_VERSION, "train": s.train, "val": s.val,
                  "size": s.size, "seed": s.seed}
+        if s.format != "png":  # JPEG pixels differ; PNG sets keep the fingerprint they had before formats existed
+            ident["format"] = s.format
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     c = data.coco
     assert c is not None  # DataConfig holds exactly one source
@@ -444,16 +446,20 @@ def dataset_fingerprint(data: DataConfig) -> str:
 
 #: Resolved-config keys that do not change a trial's results.
 NOT_IN_HASH = ("name", "threads", "device")
+#: ``data`` keys left out of a trial's identity: the dataset's location (replaced by its fingerprint)
+#: and how images reach the model (cache, loader workers, prefetch), which give the same batches
+#: (tests/test_data_pipeline.py).
+DATA_NOT_IN_HASH = ("synthetic", "coco", "cache", "cache_dir", "workers", "prefetch")
 
 def trial_identity(config: TrialConfig, data_fingerprint: str) -> dict[str, Any]:
     """What determines a trial's results besides the code: the resolved config (recipe expanded)
     without ``name``, ``threads``, ``device``, the dataset's location (``data.synthetic`` /
-    ``data.coco``, replaced by ``data.fingerprint``) and the image cache (``data.cache``: where
-    decoded images are kept changes no result)."""
+    ``data.coco``, replaced by ``data.fingerprint``) and how images reach the model (``data.cache``,
+    ``cache_dir``, ``workers``, ``prefetch``: they change no batch, so no result)."""
     resolved = config.resolved()
     for key in NOT_IN_HASH:
         resolved.pop(key, None)
-    resolved["data"] = {k: v for k, v in resolved["data"].items() if k not in ("synthetic", "coco", "cache")}
+    resolved["data"] = {k: v for k, v in resolved["data"].items() if k not in DATA_NOT_IN_HASH}
     resolved["data"]["fingerprint"] = data_fingerprint
     return resolved
 

@@ -186,8 +186,26 @@ def _targets(batch_targets: list[dict[str, Any]], device: torch.device) -> Targe
                               [t["labels"].to(device) for t in batch_targets], device=device)
 
 
+def cpu_share(config: TrialConfig) -> int:
+    """The trial's CPU cores: ``threads`` (a job sets it from ``resources.cpus``), else the cores this
+    process may run on."""
+    if config.threads:
+        return config.threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(config: TrialConfig) -> int:
+    """``data.workers``, or by default the trial's CPU share minus the core of the training process."""
+    w = config.data.workers
+    return w if w is not None else max(0, cpu_share(config) - 1)
+
+
 def build_data(config: TrialConfig, progress: Optional[Callable[[str], None]] = None):
-    """The training and validation datasets of a trial (generating the synthetic set if missing)."""
+    """The training and validation datasets of a trial (generating the synthetic set if missing,
+    building or opening the disk image cache where ``data.cache`` asks for one)."""
     from .data.coco import CocoDetection
     from .data.synth import generate_synthetic
     from .data.transforms import AugmentConfig
@@ -195,15 +213,17 @@ def build_data(config: TrialConfig, progress: Optional[Callable[[str], None]] = 
     d = config.data
     if d.synthetic is not None:
         s = d.synthetic
-        generate_synthetic(s.root, num_train=s.train, num_val=s.val, image_size=s.size, seed=s.seed, progress=progress)
+        generate_synthetic(s.root, num_train=s.train, num_val=s.val, image_size=s.size, seed=s.seed, progress=progress,
+                           image_format=s.format)
         paths = (s.root / "annotations/instances_train.json", s.root / "train",
                  s.root / "annotations/instances_val.json", s.root / "val")
     else:
         c = d.coco
         paths = (c.train_ann, c.train_images, c.val_ann, c.val_images)
     aug = AugmentConfig(hflip=d.hflip, jitter=d.jitter, hue=d.hue)
-    train_set = CocoDetection(paths[0], paths[1], d.image_size, train=True, augment=aug, cache=d.cache)
-    val_set = CocoDetection(paths[2], paths[3], d.image_size, train=False, cache=d.cache)
+    common = {"cache": d.cache, "cache_dir": d.cache_dir, "progress": progress, "threads": cpu_share(config)}
+    train_set = CocoDetection(paths[0], paths[1], d.image_size, train=True, augment=aug, **common)
+    val_set = CocoDetection(paths[2], paths[3], d.image_size, train=False, **common)
     return train_set, val_set
 
 
@@ -254,7 +274,8 @@ def train(
         ``resumed_from_epoch``: the checkpoint's epoch this last run started from, 0 if none); a diverged
         trial adds ``"diverged_at": {"step", "epoch", "losses"}``.
     """
-    from .data.coco import collate
+    from .data.coco import make_loader
+    from .data.transforms import batch_input
     from .evaluate import evaluate_model, load_coco_gt
 
     t = config.train
@@ -305,21 +326,26 @@ def train(
             progress(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
     coco_gt = load_coco_gt(val_set.ann_file)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=max(t.batch_size, 16), shuffle=False,
-                                             collate_fn=collate)
+    workers, pin = loader_workers(config), device.type == "cuda"
+    loader, sampler = make_loader(train_set, t.batch_size, shuffle=True, workers=workers,
+                                  prefetch=config.data.prefetch, pin_memory=pin)
+    val_loader, _ = make_loader(val_set, max(t.batch_size, 16), shuffle=False, workers=workers,
+                                prefetch=config.data.prefetch, pin_memory=pin)
+    if progress:
+        progress(f"data: {len(train_set)} training and {len(val_set)} validation images at {size} px, "
+                 f"cache {train_set.cache}/{val_set.cache}, {workers} loader worker{'s' * (workers != 1)}")
     status = "finished"
     epoch = start_epoch
     for epoch in range(start_epoch + 1, t.epochs + 1):
         model.train()
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # augmentations
-        loader = torch.utils.data.DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=gen,
-                                             collate_fn=collate, drop_last=False)
+        # the epoch's order and every sample's augmentation seed come from (seed, epoch)
+        sampler.set_seed(config.seed * 1_000_003 + epoch)
+        torch.manual_seed(config.seed * 1_000_003 + epoch)
         if device.type == "cuda":  # the epoch event's gpu_mem_* are this epoch's peaks (training + eval)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for images, batch_targets in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = batch_input(images, batch_targets, device)  # uint8 -> float, colour jitter, on the device
             targets = _targets(batch_targets, device)
             with torch.autocast(device.type, enabled=use_amp):
                 pred = model(images)

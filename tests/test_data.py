@@ -38,6 +38,9 @@ from ablate.data.synth import (
     render_image,
     synth_command,
 )
+from torchvision.transforms.v2 import functional as F
+
+from ablate.data.transforms import PAD_VALUE, batch_input
 
 # -- synthetic set ---------------------------------------------------------------------------------
 
@@ -311,15 +314,14 @@ def test_dataset_attributes_and_sample(small_set):
     assert len(ds) == 3 and ds.image_ids == [11, 12, 13]
     assert ds.category_ids == [1, 3, 7] and ds.category_names == ["one", "three", "seven"] and ds.num_classes == 3
     image, target = ds[0]
-    assert image.shape == (3, 96, 96) and image.dtype == torch.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.shape == (3, 96, 96) and image.dtype == torch.uint8  # to_input makes floats on the device
     assert target["boxes"].shape == (2, 4) and target["boxes"].dtype == torch.float32
     assert target["labels"].dtype == torch.long and target["labels"].tolist() == [1, 2]  # ids 3, 7
     assert target["image_id"] == 11 and target["orig_size"] == (50, 80)
     # 80x50 -> 96x60, centred: 18 grey rows above and below
     assert target["scale"] == pytest.approx(1.2) and target["pad"] == (0, 18)
-    assert torch.all(image[:, :18] == 0.5) and torch.all(image[:, 78:] == 0.5)
-    assert image[:, 18:78].std() > 0.1
+    assert torch.all(image[:, :18] == PAD_VALUE) and torch.all(image[:, 78:] == PAD_VALUE)
+    assert image[:, 18:78].float().std() > 25
     _, portrait = ds[1]
     assert portrait["scale"] == pytest.approx(1.5) and portrait["pad"] == (18, 0)
     _, empty = ds[2]
@@ -387,7 +389,7 @@ def test_dataset_cache_avoids_decoding_twice(small_set, monkeypatch, cache, deco
 def test_collate_and_dataloader(small_set):
     ds = CocoDetection(*small_set, image_size=64, train=True)
     images, targets = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate)))
-    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8
     assert isinstance(targets, list) and [t["image_id"] for t in targets] == [11, 12, 13]
     assert [len(t["boxes"]) for t in targets] == [2, 1, 0]
 
@@ -518,8 +520,8 @@ def _white_rectangle(height: int, width: int, box: list[int]) -> tuple[torch.Ten
 
 
 def _extent(image: torch.Tensor) -> list[int]:
-    """xyxy extent of the pixels brighter than 0.75."""
-    mask = image.mean(0) > 0.75
+    """xyxy extent of the pixels brighter than 0.75 (of 255)."""
+    mask = image.float().mean(0) > 0.75 * 255
     rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
     return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
 
@@ -527,7 +529,8 @@ def _extent(image: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize(("height", "width", "size"), [(50, 80, 160), (64, 40, 128), (100, 100, 100)])
 def test_letterbox_keeps_boxes_on_the_object(height, width, size):
     image, boxes = _white_rectangle(height, width, [10, 20, 30, 35])
-    out, moved, box = DetectionTransform(size)(image, boxes)
+    out, moved, box, jitter = DetectionTransform(size)(image, boxes)
+    assert jitter is None
     assert out.shape == (3, size, size)
     assert _extent(out) == pytest.approx(moved[0].tolist(), abs=1.0)
     expected = torch.tensor([[10.0, 20.0, 30.0, 35.0]]) * box.scale + torch.tensor([box.left, box.top] * 2)
@@ -537,14 +540,14 @@ def test_letterbox_keeps_boxes_on_the_object(height, width, size):
 def test_hflip_moves_boxes_with_the_image():
     image, boxes = _white_rectangle(50, 80, [10, 20, 30, 35])
     flip = DetectionTransform(160, AugmentConfig(hflip=1.0, jitter=0.0, hue=0.0))
-    out, moved, box = flip(image, boxes)
+    out, moved, box, _ = flip(image, boxes)
     # flipped in the original frame: x -> 80 - x, then letterboxed (scale 2, pad top 30)
     torch.testing.assert_close(moved, torch.tensor([[100.0, 70.0, 140.0, 100.0]]))
     assert (box.scale, box.left, box.top) == (2.0, 0, 30)
     assert _extent(out) == pytest.approx(moved[0].tolist(), abs=1.0)
-    plain, _, _ = DetectionTransform(160)(image, boxes)
-    torch.testing.assert_close(out, plain.flip(-1), atol=1 / 255, rtol=0)
-    unflipped, same, _ = DetectionTransform(160, AugmentConfig(hflip=0.0, jitter=0.0, hue=0.0))(image, boxes)
+    plain, _, _, _ = DetectionTransform(160)(image, boxes)
+    torch.testing.assert_close(out, plain.flip(-1), atol=0, rtol=0)  # the resized image is flipped
+    unflipped, same, _, _ = DetectionTransform(160, AugmentConfig(hflip=0.0, jitter=0.0, hue=0.0))(image, boxes)
     torch.testing.assert_close(unflipped, plain)
     torch.testing.assert_close(same, torch.tensor([[20.0, 70.0, 60.0, 100.0]]))
 
@@ -572,10 +575,21 @@ def test_colour_jitter_changes_colours_not_boxes_or_padding(small_set):
     jittered = CocoDetection(*small_set, image_size=96, train=True, augment=augment)
     plain_image, plain = CocoDetection(*small_set, image_size=96, train=False)[0]
     torch.manual_seed(0)
-    image, target = jittered[0]
+    raw, target = jittered[0]
     torch.testing.assert_close(target["boxes"], plain["boxes"])
-    assert torch.all(image[:, :18] == 0.5) and torch.all(image[:, 78:] == 0.5)  # the grey padding is not jittered
-    assert (image[:, 18:78] - plain_image[:, 18:78]).abs().mean() > 0.01
+    assert torch.equal(raw, plain_image)  # drawn by the loader, applied on the training device
+    assert target["jitter"].region == (18, 0, 60, 96) and plain["jitter"] is None
+    image = batch_input(raw[None], [target], "cpu")[0]
+    pad = PAD_VALUE / 255
+    assert torch.all(image[:, :18] == pad) and torch.all(image[:, 78:] == pad)  # the padding is not jittered
+    assert (image[:, 18:78] - plain_image[:, 18:78] / 255).abs().mean() > 0.01
+    j = target["jitter"]  # the same as torchvision's float functions in the drawn order
+    expected = plain_image[:, 18:78].float() / 255
+    ops = {0: (F.adjust_brightness, j.brightness), 1: (F.adjust_contrast, j.contrast),
+           2: (F.adjust_saturation, j.saturation), 3: (F.adjust_hue, j.hue)}
+    for k in j.order:
+        expected = ops[k][0](expected, ops[k][1])
+    torch.testing.assert_close(image[:, 18:78], expected)
 
 
 def test_augment_config_rejects_bad_values():
@@ -644,11 +658,11 @@ def test_data_cache_config_reaches_the_datasets(small_set, cache, kept):
 def test_data_cache_default_and_bad_values(small_set, tmp_path):
     from ablate.config import ConfigError, DataConfig, load_trial_config
 
-    assert DataConfig(synthetic={}).cache == "memory"  # as before the field existed
+    assert DataConfig(synthetic={}).cache == "auto"
     path = tmp_path / "trial.yaml"
-    path.write_text("data: {synthetic: {}, cache: disk}\n")
-    with pytest.raises(ConfigError, match=r"trial.yaml: data.cache: Input should be 'memory' or 'none'") as e:
+    path.write_text("data: {synthetic: {}, cache: ram}\n")
+    with pytest.raises(ConfigError, match=r"trial.yaml: data.cache: Input should be 'auto', 'none', 'memory' or 'disk'") as e:
         load_trial_config(path)
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"cache: unknown mode 'disk'; choose one of memory, none"):
-        CocoDetection(*small_set, image_size=64, train=False, cache="disk")
+    with pytest.raises(ValueError, match=r"cache: unknown mode 'ram'; choose one of auto, none, memory, disk"):
+        CocoDetection(*small_set, image_size=64, train=False, cache="ram")

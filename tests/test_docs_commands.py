@@ -321,19 +321,25 @@ def test_coco_job_keeps_no_decoded_images_and_validates():
 
 
 def test_job_comments_on_threads_say_what_threads_does():
-    """``threads`` is torch's CPU thread count (``torch.set_num_threads``); the data is decoded in the
-    training process (no DataLoader workers), so a comment on it must not promise data loading."""
+    """``threads`` is torch's CPU thread count (``torch.set_num_threads``) and, unless ``data.workers``
+    is set, one more than the loader's worker processes: a comment on it must say torch, and where it
+    speaks of workers, give them as threads - 1."""
     import inspect
 
     from ablate import train
+    from ablate.config import TrialConfig
 
     source = inspect.getsource(train)
-    assert "torch.set_num_threads(config.threads)" in source and "num_workers" not in source
+    assert "torch.set_num_threads(config.threads)" in source
     for path in _yaml_files():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if re.match(r"\s*threads:", line) and "#" in line:
                 comment = line.split("#", 1)[1].lower()
-                assert "torch" in comment and not re.search(r"data load|worker", comment), f"{path.name}:{n}: {line}"
+                assert "torch" in comment, f"{path.name}:{n}: {line}"
+                if "worker" in comment:
+                    threads = int(line.split(":", 1)[1].split("#")[0])
+                    assert f"threads - 1 = {threads - 1}" in comment, f"{path.name}:{n}: {line}"
+                    assert train.loader_workers(TrialConfig.model_validate({"threads": threads})) == threads - 1
 
 
 # --------------------------------------------------------------------------- README figures and layout

@@ -139,7 +139,7 @@ class SynthInfo:
         return self.root / "annotations" / f"instances_{split}.json"
 
     def images(self, split: str) -> Path:
-        """``root/<split>``, the folder of the split's PNGs."""
+        """``root/<split>``, the folder of the split's images."""
         return self.root / split
 
 
@@ -325,18 +325,27 @@ def render_image(rng: np.random.Generator, size: int, variant: str = "standard")
 # -- the set on disk -------------------------------------------------------------------------------
 
 
-def _params(num_train: int, num_val: int, image_size: int, seed: int, variant: str = "standard") -> dict:
-    """The set's identity (``synth.json``); ``variant`` is recorded unless ``standard``, so sets
-    generated before variants existed are still recognised."""
+def _params(num_train: int, num_val: int, image_size: int, seed: int, variant: str = "standard",
+            image_format: str = "png") -> dict:
+    """The set's identity (``synth.json``); ``variant`` and ``format`` are recorded unless they are
+    the default, so sets generated before they existed are still recognised."""
     params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
               "image_size": image_size, "seed": seed}
     if variant != "standard":
         params["variant"] = variant
+    if image_format != "png":
+        params["format"] = image_format
     return params
 
 
 #: Values of parameters that ``_params`` leaves out when they are the default.
-_DEFAULTS = {"variant": "standard"}
+_DEFAULTS = {"variant": "standard", "format": "png"}
+#: Image file formats: name -> (file extension, PIL save options). JPEG at quality 90 (4:2:0), as
+#: photographs are stored; it exercises a real decoder where PNG's is cheap.
+FORMATS: dict[str, tuple[str, dict]] = {
+    "png": (".png", {"compress_level": 1}),
+    "jpeg": (".jpg", {"quality": 90}),
+}
 
 
 def _existing(out: Path, params: dict) -> dict | None:
@@ -376,8 +385,9 @@ def _existing(out: Path, params: dict) -> dict | None:
 def _coco(split: str, objects: list[tuple[np.ndarray, np.ndarray]], size: int, params: dict) -> dict:
     """The COCO annotation dict of one split from each image's ``(labels [G], boxes [G, 4] xyxy)``."""
     images, annotations = [], []
+    ext = FORMATS[params.get("format", "png")][0]
     for i, (labels, boxes) in enumerate(objects):
-        images.append({"id": i + 1, "file_name": f"{i:06d}.png", "width": size, "height": size})
+        images.append({"id": i + 1, "file_name": f"{i:06d}{ext}", "width": size, "height": size})
         for label, (x1, y1, x2, y2) in zip(labels.tolist(), boxes.tolist()):
             w, h = x2 - x1, y2 - y1
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
@@ -405,6 +415,7 @@ def _split_stats(objects: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 def _write_set(root: Path, params: dict, progress: Callable[[str], None] | None) -> dict:
     """Render and write every image and annotation file of ``params`` under ``root``; the stats per split."""
     size, seed, variant = params["image_size"], params["seed"], params.get("variant", "standard")
+    ext, options = FORMATS[params.get("format", "png")]
     counts = (params["num_train"], params["num_val"])
     total, done, step = sum(counts), 0, max(1, sum(counts) // 10)
     stats = {}
@@ -414,7 +425,7 @@ def _write_set(root: Path, params: dict, progress: Callable[[str], None] | None)
         objects = []
         for i in range(count):
             r = render_image(np.random.default_rng([seed, split_index, i]), size, variant)
-            Image.fromarray(r.image).save(root / split / f"{i:06d}.png", compress_level=1)
+            Image.fromarray(r.image).save(root / split / f"{i:06d}{ext}", **options)
             objects.append((r.labels, r.boxes))
             done += 1
             if progress is not None and (done % step == 0 or done == total):
@@ -434,6 +445,7 @@ def generate_synthetic(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     variant: str = "standard",
+    image_format: str = "png",
 ) -> SynthInfo:
     """Write the synthetic set under ``out`` (see the module docstring) and return where it lies.
 
@@ -446,6 +458,8 @@ def generate_synthetic(
     at once (several workers of a node) all end up with the one complete copy.
     ``progress`` gets a line about every 10% of the images. ``variant`` is one of
     :data:`VARIANTS` (``easy``: 1-3 large objects, no overlap; see the module docstring).
+    ``image_format`` is ``png`` (lossless) or ``jpeg`` (:data:`FORMATS`; the boxes are those of the
+    rendered pixels, before compression).
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
@@ -454,8 +468,10 @@ def generate_synthetic(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     _variant(variant)
+    if image_format not in FORMATS:
+        raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    params = _params(num_train, num_val, image_size, seed, variant)
+    params = _params(num_train, num_val, image_size, seed, variant, image_format)
     start = time.perf_counter()
 
     def info(stats: dict, generated: bool) -> SynthInfo:
@@ -489,6 +505,8 @@ def synth_command(
     seed: int = typer.Option(0, help="Seed; the same seed and sizes give byte-identical files."),
     variant: str = typer.Option("standard", help="standard: the set described above; easy: 1-3 large objects "
                                 "(sides 0.3-0.55 S, aspect 1:2-2:1) per image, boxes never overlapping."),
+    image_format: str = typer.Option("png", "--format", help="Image files: png (lossless) or jpeg (quality 90, "
+                                     "exercises a real decoder)."),
 ) -> None:
     """Generate the synthetic COCO-format detection set (shapes on cluttered backgrounds).
 
@@ -497,7 +515,7 @@ def synth_command(
     per image, overlapping but each at least 70% visible; sides from S/20 to 0.72 S (at 160 px:
     COCO small, medium and large); gradient, noise and clutter (lines, blobs) in the background.
 
-    Writes OUT/train/*.png, OUT/val/*.png, OUT/annotations/instances_{train,val}.json and
+    Writes OUT/train/*.png, OUT/val/*.png (*.jpg with --format jpeg), OUT/annotations/instances_{train,val}.json and
     OUT/synth.json. Run again with the same options and the existing set is kept; a
     directory holding anything else is refused, never overwritten.
     """
@@ -512,9 +530,12 @@ def synth_command(
     if variant not in VARIANTS:
         raise typer.BadParameter(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}",
                                  param_hint="--variant")
+    if image_format not in FORMATS:
+        raise typer.BadParameter(f"unknown format {image_format!r}; choose one of {', '.join(FORMATS)}",
+                                 param_hint="--format")
     try:
         info = generate_synthetic(out, train, val, size, seed, progress=lambda line: typer.echo(line, err=True),
-                                  variant=variant)
+                                  variant=variant, image_format=image_format)
     except FileExistsError as e:
         raise typer.BadParameter(str(e), param_hint="--out") from None
     if not info.generated:

@@ -157,6 +157,53 @@ def bench_loss_cmd(
         err.print(f"wrote {json_path}")
 
 
+@bench_app.command("eval")
+def bench_eval_cmd(
+    images: int = typer.Option(5000, help="Images of the COCO-like ground truth (boxes only, no image files)."),
+    dets: int = typer.Option(100, help="Detections per image (perturbed ground truth, then false positives)."),
+    repeats: int = typer.Option(3, help="Interleaved repeats (median reported)."),
+    postprocess_batch: int = typer.Option(16, "--postprocess-batch", help="Batch of the post-processing timing "
+                                          "(yolov3, 640 px, 80 classes); 0 skips it."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures as JSON."),
+) -> None:
+    """COCOeval seconds per evaluation with pycocotools (the reference) and faster-coco-eval on the
+    same detections, their ratio and the largest difference of their numbers; and batched
+    post-processing vs the per-image loop it replaced."""
+    from .bench import environment
+    from .bench_eval import bench_eval, write_eval_json
+
+    for opt, v in (("--images", images), ("--dets", dets), ("--repeats", repeats)):
+        if v < 1:
+            fail(f"{opt}: must be >= 1, got {v}")
+    if postprocess_batch < 0:
+        fail(f"--postprocess-batch: must be >= 0, got {postprocess_batch}")
+    env = environment()
+    err.print(f"bench eval: {images} images, {dets} detections/image, {repeats} repeats, "
+              f"torch {env['torch']} on {env['threads']} threads", highlight=False)
+    try:
+        b = bench_eval(images, repeats, dets, postprocess_batch=postprocess_batch,
+                       progress=lambda m: err.print(m, highlight=False))
+    except ImportError as e:
+        fail(str(e))
+    table = Table(title=f"COCOeval (bbox): {b.images:,} images, {b.annotations:,} boxes, {b.detections:,} detections")
+    for col in ("backend", "s / evaluation", "ratio"):
+        table.add_column(col, justify="right" if col != "backend" else "left")
+    for name, s in b.median_s.items():
+        table.add_row(name, f"{s:.2f}", f"{b.median_s['pycocotools'] / s:.2f}x")
+    console.print(table)
+    agree = "[green]agree[/]" if b.max_abs_diff <= 1e-4 else "[red]DISAGREE[/]"
+    console.print(f"12 numbers and per-class AP: max |difference| {b.max_abs_diff:.2g} ({agree} to 1e-4); "
+                  f"AP {b.metrics['AP']:.4f}, AP50 {b.metrics['AP50']:.4f}")
+    if b.postprocess:
+        p = b.postprocess
+        console.print(f"postprocess ({p['preset']}, B={p['batch']}, {p['size']} px, {p['classes']} classes, "
+                      f"{p['anchors']:,} anchors, {p['threads']} threads): batched {p['batched_ms']:.0f} ms, "
+                      f"per-image loop {p['per_image_ms']:.0f} ms, ratio {p['ratio']:.2f}x")
+    if json_path:
+        write_eval_json(json_path, b, env)
+        err.print(f"wrote {json_path}")
+
+
 @bench_app.command("train")
 def bench_train_cmd(
     config_path: Path = typer.Option(Path("configs/quickstart.yaml"), "--config", help="The base trial (data, model, budget)."),

@@ -90,6 +90,9 @@ class TrainConfig(_Frozen):
     conf_thresh: float = Field(0.001, ge=0, lt=1)
     nms_iou: float = Field(0.6, gt=0, le=1)
     max_det: int = Field(100, ge=1)
+    # COCOeval backend: "auto" is faster_coco_eval (C++) where it imports, else pycocotools (the
+    # reference); the two give the same 12 numbers and per-class AP to 1e-4 (tests/test_eval_backend.py)
+    eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
 
 
 class TrialConfig(_Frozen):

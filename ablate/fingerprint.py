@@ -21,7 +21,7 @@ from pathlib import Path
 CODE_MODULES = ("detect", "data", "train.py", "evaluate.py", "config.py")
 #: The distributions whose versions are in :func:`code_fingerprint`: the libraries that compute a
 #: trial's numbers (tensors and kernels, image decoding, the synthetic generator's RNG, COCOeval).
-CODE_LIBRARIES = ("torch", "torchvision", "numpy", "pycocotools")
+CODE_LIBRARIES = ("torch", "torchvision", "numpy", "pycocotools", "faster-coco-eval")
 
 
 def code_fingerprint_of(package_dir: Path, versions: dict[str, str]) -> str:

@@ -455,11 +455,13 @@ def trial_identity(config: TrialConfig, data_fingerprint: str) -> dict[str, Any]
     """What determines a trial's results besides the code: the resolved config (recipe expanded)
     without ``name``, ``threads``, ``device``, the dataset's location (``data.synthetic`` /
     ``data.coco``, replaced by ``data.fingerprint``) and how images reach the model (``data.cache``,
-    ``cache_dir``, ``workers``, ``prefetch``: they change no batch, so no result)."""
+    ``cache_dir``, ``workers``, ``prefetch``: they change no batch, so no result) and the COCOeval
+    backend (``train.eval_backend``: the backends agree to 1e-4, tests/test_eval_backend.py)."""
     resolved = config.resolved()
     for key in NOT_IN_HASH:
         resolved.pop(key, None)
     resolved["data"] = {k: v for k, v in resolved["data"].items() if k not in DATA_NOT_IN_HASH}
+    resolved["train"] = {k: v for k, v in resolved["train"].items() if k != "eval_backend"}
     resolved["data"]["fingerprint"] = data_fingerprint
     return resolved
 

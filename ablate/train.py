@@ -3,7 +3,7 @@
 The same function is called by a test, by ``ablate train`` and by a Ray worker. It
 builds the data, the detector and the criterion from the detector core, trains with
 warm-up then cosine or step decay, keeps an EMA of the weights, evaluates with
-pycocotools every few epochs and reports:
+COCOeval (faster-coco-eval, or pycocotools: ``train.eval_backend``) every few epochs and reports:
 
 * every ``log_every`` steps: ``{"kind": "train", "step", "epoch", "lr", "grad_norm",
   "loss/<term>", "weighted/<term>", "loss/total", "stat/<name>"}``;
@@ -99,7 +99,7 @@ def check_checkpoint(state: dict[str, Any], identity: dict[str, Any], code: str,
         raise CheckpointMismatch(
             f"checkpoint {path} was written by other code (code fingerprint {str(state.get('code_fingerprint'))[:12]}, "
             f"now {code[:12]}: ablate's detector, data, training or evaluation sources or torch, torchvision, "
-            f"numpy or pycocotools changed); {restart_hint} starts over")
+            f"numpy, pycocotools or faster-coco-eval changed); {restart_hint} starts over")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -379,6 +379,7 @@ def train(
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             eval_model = ema.module if ema else model
             metrics = evaluate_model(eval_model, val_loader, priors, recipe, coco_gt, val_set.category_ids,
+                                     backend=t.eval_backend,
                                      device=device, conf_thresh=t.conf_thresh, nms_iou=t.nms_iou, max_det=t.max_det)
             metrics["per_class_AP"] = {k: (None if v != v else v) for k, v in metrics["per_class_AP"].items()}
             last_eval = {"epoch": epoch, "step": step, **metrics}

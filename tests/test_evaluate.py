@@ -353,4 +353,11 @@ def test_evaluate_model_end_to_end(coco_gt, metas, capsys):
     assert res["AP"] >= 0.99 and res["num_detections"] == sum(len(b) for b in BOXES.values())
     assert res["infer_ms_per_image"] > 0
     assert set(COCO_METRICS) <= set(res) and "per_class_AP" in res
+    assert res["eval_backend"] == "faster_coco_eval"  # auto, with the package installed
+    assert res["infer_images_per_second"] == pytest.approx(1000 / res["infer_ms_per_image"])
+    assert 0 < res["cocoeval_seconds"] < res["eval_seconds"]
+    assert res["eval_images_per_second"] == pytest.approx(len(metas) / res["eval_seconds"])
+    ref = evaluate_model(model, loader(), priors, recipe, coco_gt, CATEGORY_IDS, backend="pycocotools")
+    assert ref["eval_backend"] == "pycocotools"
+    assert all(ref[k] == pytest.approx(res[k], abs=1e-4, nan_ok=True) for k in COCO_METRICS)
     assert capsys.readouterr().out == ""

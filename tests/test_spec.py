@@ -186,7 +186,7 @@ def test_code_fingerprint_covers_the_result_code_and_libraries(tmp_path):
     base = fingerprint.code_fingerprint_of(pkg, versions)
     assert fingerprint.code_fingerprint() == fingerprint.code_fingerprint_of(
         Path(fingerprint.__file__).parent, fingerprint.library_versions())
-    assert set(fingerprint.library_versions()) == {"torch", "torchvision", "numpy", "pycocotools"}
+    assert set(fingerprint.library_versions()) == {"torch", "torchvision", "numpy", "pycocotools", "faster-coco-eval"}
     for rel in ("report.py", "runner.py", "spec.py", "store/store.py", "cli.py"):  # not what a trial computes
         (pkg / rel).write_text((pkg / rel).read_text() + "\n# edited\n")
     assert fingerprint.code_fingerprint_of(pkg, versions) == base
